@@ -1,0 +1,28 @@
+"""bytelm: a byte-level transformer language model (vocabulary 256, no tokenizer).
+
+    from bytelm import ByteLM, ModelConfig, load_model, save_checkpoint
+    from bytelm import ByteLevelGenerator, InferenceConfig      # generation
+"""
+from .checkpoint import DEFAULT_PATH, load_model, save_checkpoint
+from .config import ModelConfig
+from .errors import BytelmError, CheckpointError, DataError
+from .model import ByteLM, KVCache
+
+__version__ = "0.1.0"
+
+# Heavier parts load on first use, so `import bytelm` stays light.
+_LAZY = {
+    "ByteLevelGenerator": "bytelm.generation",
+    "InferenceConfig": "bytelm.generation",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'bytelm' has no attribute {name!r}")
+
+
+__all__ = ["ByteLM", "KVCache", "ModelConfig", "load_model", "save_checkpoint", "DEFAULT_PATH",
+           "BytelmError", "CheckpointError", "DataError", "ByteLevelGenerator", "InferenceConfig", "__version__"]
