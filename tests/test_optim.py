@@ -1,0 +1,129 @@
+"""Optimizer groups (Muon for hidden matrices, AdamW for the rest), the fp32 Muon path, and the LR schedule."""
+import pytest
+import torch
+
+import bytelm.optim as optim_mod
+from bytelm.config import ModelConfig
+from bytelm.model import ByteLM
+from bytelm.optim import Muon, build_optimizers, newton_schulz, split_params
+from bytelm.training import lr_scale
+
+TINY = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64)
+HIDDEN = {"attn.qkv.weight", "attn.proj.weight", "mlp.fc.weight", "mlp.proj.weight"}
+
+
+@pytest.mark.parametrize("config", [TINY, ModelConfig(), ModelConfig(n_layer=3, n_head=2, n_embd=32,
+                                                                       tie_embeddings=False)],
+                         ids=["tiny", "default", "untied"])
+def test_muon_gets_exactly_the_hidden_matrices_and_every_parameter_one_group(config):
+    with torch.device("meta"):
+        model = ByteLM(config)
+    muon, adamw = split_params(model)
+    expected = {f"blocks.{i}.{n}" for i in range(config.n_layer) for n in HIDDEN}
+    assert {n for n, _ in muon} == expected
+    assert all(p.ndim == 2 for _, p in muon)
+    adam_names = {n for n, _ in adamw}
+    assert "embed.weight" in adam_names and "norm_f.weight" in adam_names
+    assert ("head.weight" in adam_names) == (not config.tie_embeddings)  # tied head is embed.weight
+    ids = [id(p) for _, p in muon + adamw]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+
+
+def test_build_optimizers_groups_cover_the_model_once():
+    model = ByteLM(TINY)
+    muon, adamw = build_optimizers(model, muon_lr=0.01, adam_lr=0.001)
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
+    in_adam = {id(p) for g in adamw.param_groups for p in g["params"]}
+    assert not in_muon & in_adam
+    assert in_muon | in_adam == {id(p) for p in model.parameters()}
+    assert id(model.embed.weight) in in_adam and id(model.head.weight) in in_adam
+    assert muon.param_groups[0]["lr"] == 0.01 and adamw.param_groups[0]["lr"] == 0.001
+
+
+def test_an_unknown_2d_parameter_goes_to_adamw_not_muon():
+    model = ByteLM(TINY)
+    model.extra = torch.nn.Parameter(torch.zeros(3, 3))  # 2-D, but not a hidden matrix by role
+    muon, adamw = split_params(model)
+    assert "extra" in {n for n, _ in adamw} and "extra" not in {n for n, _ in muon}
+
+
+def test_renamed_hidden_matrices_fail_loudly_instead_of_all_going_to_adamw(monkeypatch):
+    import re
+    monkeypatch.setattr(optim_mod, "_MUON_NAME", re.compile(r"^nothing$"))
+    with pytest.raises(AssertionError, match="no hidden matrices"):
+        split_params(ByteLM(TINY))
+
+
+def test_newton_schulz_in_bf16_is_bit_identical_to_torch():
+    torch_ns = pytest.importorskip("torch.optim._muon")._zeropower_via_newtonschulz
+    g = torch.randn(48, 16, generator=torch.Generator().manual_seed(0))
+    ours = newton_schulz(g, dtype=torch.bfloat16)
+    theirs = torch_ns(g, optim_mod.NS_COEFFICIENTS, optim_mod.NS_STEPS, 1e-7)
+    assert torch.equal(ours, theirs)
+
+
+def test_newton_schulz_in_fp32_orthogonalises():
+    g = torch.randn(64, 16, generator=torch.Generator().manual_seed(1))
+    s = torch.linalg.svdvals(newton_schulz(g, dtype=torch.float32))
+    assert s.min() > 0.5 and s.max() < 1.5  # Keller Jordan's iteration lands S' in about (0.5, 1.5)
+
+
+def test_fp32_muon_step_is_torchs_update_with_fp32_orthogonalisation(monkeypatch):
+    """Same momentum, Nesterov, weight decay and per-shape lr as torch.optim.Muon; only the NS dtype differs."""
+    gen = torch.Generator().manual_seed(2)
+    weights = [torch.randn(24, 8, generator=gen), torch.randn(8, 8, generator=gen)]
+    grads = [[torch.randn_like(w) for w in weights] for _ in range(3)]
+
+    def run(opt_cls, **kw):
+        params = [torch.nn.Parameter(w.clone()) for w in weights]
+        opt = opt_cls(params, lr=0.02, weight_decay=0.1, momentum=0.9, **kw)
+        for gs in grads:
+            for p, g in zip(params, gs):
+                p.grad = g.clone()
+            opt.step()
+        return params
+
+    ours = run(Muon, ns_dtype=torch.float32)
+    monkeypatch.setattr("torch.optim._muon._zeropower_via_newtonschulz",
+                        lambda g, coeffs, steps, eps: newton_schulz(g, coeffs, steps, eps, torch.float32))
+    reference = run(torch.optim.Muon)
+    for a, b in zip(ours, reference):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_newton_schulz_runs_in_fp32_on_a_cpu_without_fast_bf16(monkeypatch):
+    monkeypatch.setattr(optim_mod, "cpu_has_fast_bf16", lambda: False)
+    muon, _ = build_optimizers(ByteLM(TINY), muon_lr=0.01, adam_lr=0.001)
+    assert muon.ns_dtype == torch.float32
+    monkeypatch.setattr(optim_mod, "cpu_has_fast_bf16", lambda: True)
+    muon, _ = build_optimizers(ByteLM(TINY), muon_lr=0.01, adam_lr=0.001)
+    assert muon.ns_dtype == torch.bfloat16
+
+
+def test_optimizer_state_survives_a_weights_only_round_trip(tmp_path):
+    model = ByteLM(TINY)
+    opts = build_optimizers(model, muon_lr=0.01, adam_lr=0.001)
+    x = torch.randint(0, 256, (2, 16))
+    model(x, x)[1].backward()
+    for o in opts:
+        o.step()
+    torch.save([o.state_dict() for o in opts], tmp_path / "o.pt")
+    states = torch.load(tmp_path / "o.pt", weights_only=True)
+    for o, s in zip(build_optimizers(ByteLM(TINY), muon_lr=0.01, adam_lr=0.001), states):
+        o.load_state_dict(s)
+
+
+def test_lr_schedule_warms_up_holds_then_decays_to_zero():
+    total, warmup = 100, 10
+    scales = [lr_scale(s, total, warmup, 0.4) for s in range(total)]
+    assert scales[0] == pytest.approx(0.1) and scales[9] == 1.0
+    assert all(s == 1.0 for s in scales[10:60])
+    assert all(a > b for a, b in zip(scales[60:], scales[61:]))  # strictly decreasing cooldown
+    assert 0 < scales[-1] <= 1 / 40
+    assert lr_scale(total, total, warmup, 0.4) == 0.0
+    assert [lr_scale(s, total, warmup, 0.4) for s in range(total)] == scales  # pure: same inputs, same curve
+
+
+def test_lr_schedule_without_warmup_or_cooldown_is_flat():
+    assert {lr_scale(s, 50, 0, 0.0) for s in range(50)} == {1.0}

@@ -1,0 +1,285 @@
+"""Training: learning, exact resume, DDP, Ctrl-C, divergence, refusing to clobber, flags from TrainConfig.
+
+Every run here is the "tiny" preset (2x2x32) on a few KB of text written by the test, single-threaded.
+"""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import torch
+
+import bytelm.training as training
+from bytelm.checkpoint import load_model, read_checkpoint
+from bytelm.data import eval_batches, load_corpus
+from bytelm.errors import BytelmError, run_cli
+from bytelm.metrics import bits_per_byte, read_metrics
+from bytelm.model import ByteLM
+from bytelm.training import NonFiniteLoss, RunPaths, TrainConfig, build_parser, main, train
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ("the quick brown fox jumps over the lazy dog while a small bird sings in the old tree and "
+         "every morning the farmer walks to the river to fetch water for his garden").split()
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory) -> Path:
+    """~30 KB of word salad over a 30-word vocabulary, 40 documents: learnable in a few dozen steps."""
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("data") / "corpus.jsonl"
+    docs = [" ".join(rng.choice(WORDS) for _ in range(150)) + "." for _ in range(40)]
+    path.write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    return path
+
+
+def tiny(tmp_path, corpus_file, **overrides) -> TrainConfig:
+    settings = dict(data=str(corpus_file), out=str(tmp_path / "m.pt"), threads=1, plot=False,
+                    cache_dir=str(tmp_path / "cache"))
+    return TrainConfig.from_preset("tiny", **{**settings, **overrides})
+
+
+def train_losses(metrics_path) -> list[float]:
+    return [r["loss"] for r in read_metrics(metrics_path) if "loss" in r]
+
+
+def env_one_thread() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def test_tiny_model_lowers_its_validation_loss(tmp_path, corpus_file):
+    cfg = tiny(tmp_path, corpus_file, steps=40, eval_every=20, muon_lr=0.02, adam_lr=0.01, plot=True)
+    corpus = load_corpus(cfg.data, cache_dir=cfg.cache_dir)
+    torch.manual_seed(cfg.seed)
+    untrained = ByteLM(cfg.model_config())
+    before = bits_per_byte(training.evaluate(untrained, eval_batches(corpus.val, cfg.batch_size, cfg.seq_len,
+                                                                     cfg.eval_batches), torch.device("cpu"), "fp32"))
+
+    summary = train(cfg, progress=False)
+
+    assert summary["stop_reason"] == "done" and summary["steps"] == 40
+    assert summary["best_val_bpb"] < before - 1.5, (before, summary["best_val_bpb"])
+    paths = RunPaths.for_out(cfg.out)
+    for p in (paths.best, paths.last, paths.metrics, paths.plot):
+        assert p.exists(), p
+    best = read_checkpoint(paths.best)["train_state"]
+    assert best["step"] == summary["best_step"] and best["metrics"]["best_val_bpb"] == summary["best_val_bpb"]
+    assert read_checkpoint(paths.last)["train_state"]["step"] == 40
+    load_model(paths.best)
+    evals = [r for r in read_metrics(paths.metrics) if "val_bpb" in r]
+    assert [r["step"] for r in evals] == [20, 40]
+    assert summary["bytes_per_s"] > 0 and summary["seconds"] > 0
+
+
+def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path, corpus_file):
+    straight = tiny(tmp_path / "a", corpus_file, steps=24, eval_every=6, save_every=6)
+    train(straight, progress=False)
+
+    first = tiny(tmp_path / "b", corpus_file, steps=24, eval_every=6, save_every=5, stop_at=12)
+    assert train(first, progress=False)["stop_reason"] == "paused"
+    assert read_checkpoint(RunPaths.for_out(first.out).last)["train_state"]["step"] == 12
+    second = tiny(tmp_path / "b", corpus_file, steps=24, eval_every=6, save_every=5, resume=True)
+    summary = train(second, progress=False)
+    assert summary["start_step"] == 12 and summary["steps"] == 24
+
+    a, b = (train_losses(RunPaths.for_out(c.out).metrics) for c in (straight, second))
+    assert len(a) == len(b) == 24
+    assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-6, list(zip(a, b))
+    wa = read_checkpoint(RunPaths.for_out(straight.out).last)["model"]
+    wb = read_checkpoint(RunPaths.for_out(second.out).last)["model"]
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=1e-6)
+
+
+def test_resume_from_the_cli_takes_the_saved_settings_and_new_steps(tmp_path, corpus_file):
+    out = tmp_path / "m.pt"
+    args = ["--preset", "tiny", "--data", str(corpus_file), "--out", str(out), "--threads", "1", "--no-plot",
+            "--cache-dir", str(tmp_path / "cache"), "--steps", "10", "--eval-every", "5", "--sample-bytes", "0"]
+    assert main(args) == 0
+    # No --preset or --data: they come from the checkpoint; --steps extends the run.
+    assert main(["--out", str(out), "--resume", "--steps", "14"]) == 0
+    state = read_checkpoint(RunPaths.for_out(out).last)["train_state"]
+    assert state["step"] == 14 and state["config"]["n_embd"] == 32 and state["config"]["data"] == str(corpus_file)
+    assert [r["step"] for r in read_metrics(RunPaths.for_out(out).metrics) if "loss" in r] == list(range(1, 15))
+
+
+def test_out_that_exists_without_resume_is_a_clear_error_and_stays_untouched(tmp_path, corpus_file, capsys):
+    out = tmp_path / "m.pt"
+    out.write_bytes(b"precious weights")
+    rc = run_cli(main, ["--preset", "tiny", "--data", str(corpus_file), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "already exists" in err and "--resume" in err and "--force" in err and "--out" in err
+    assert out.read_bytes() == b"precious weights"
+
+
+def test_force_overwrites_an_existing_run(tmp_path, corpus_file):
+    out = tmp_path / "m.pt"
+    out.write_bytes(b"old")
+    summary = train(tiny(tmp_path, corpus_file, steps=4, eval_every=4, force=True), progress=False)
+    assert summary["stop_reason"] == "done"
+    load_model(out)
+
+
+def test_resume_without_saved_state_says_so(tmp_path, corpus_file):
+    with pytest.raises(BytelmError, match="no resume state"):
+        train(tiny(tmp_path, corpus_file, resume=True), progress=False)
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path, corpus_file,
+                                                                                 monkeypatch):
+    calls = {"n": 0}
+
+    class Diverging(ByteLM):
+        def forward(self, idx, targets=None, **kw):
+            logits, loss = super().forward(idx, targets, **kw)
+            if self.training and targets is not None:
+                calls["n"] += 1
+                if calls["n"] >= 8:  # the 8th training step blows up
+                    loss = loss * float("nan")
+            return logits, loss
+
+    monkeypatch.setattr(training, "ByteLM", Diverging)
+    cfg = tiny(tmp_path, corpus_file, steps=20, eval_every=5, save_every=5)
+    with pytest.raises(NonFiniteLoss) as e:
+        train(cfg, progress=False)
+    msg = str(e.value)
+    assert "nan" in msg and "step 8" in msg and "without saving" in msg and "m.last.pt" in msg
+
+    paths = RunPaths.for_out(cfg.out)
+    assert read_checkpoint(paths.last)["train_state"]["step"] == 5
+    assert read_checkpoint(paths.best)["train_state"]["step"] == 5
+    model, _ = load_model(paths.last)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert max(r["step"] for r in read_metrics(paths.metrics)) == 7  # the NaN step was never logged
+
+
+def test_time_budget_stops_early_after_evaluating_and_saving(tmp_path, corpus_file):
+    summary = train(tiny(tmp_path, corpus_file, steps=1000, time_budget=0.001), progress=False)
+    assert summary["stop_reason"] == "time_budget" and summary["steps"] == 1
+    assert summary["best_val_bpb"] is not None
+    assert read_checkpoint(RunPaths.for_out(tmp_path / "m.pt").last)["train_state"]["step"] == 1
+
+
+def test_ctrl_c_finishes_the_step_saves_and_prints_the_resume_command(tmp_path, corpus_file):
+    out = tmp_path / "m.pt"
+    metrics = RunPaths.for_out(out).metrics
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), "--preset", "tiny", "--data", str(corpus_file), "--out", str(out),
+         "--steps", "100000", "--eval-every", "1000", "--save-every", "1000", "--no-plot",
+         "--cache-dir", str(tmp_path / "cache")],
+        cwd=tmp_path, env=env_one_thread(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(read_metrics(metrics)) < 3:  # wait until it is really training
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "training never started"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode in (0, 130), stderr
+    assert "Traceback" not in stderr
+    assert "resume with:" in stdout and f"--resume --out {out}" in stdout
+    model, ckpt = load_model(RunPaths.for_out(out).last)
+    assert ckpt["train_state"]["step"] >= 3
+    assert ckpt["train_state"]["step"] == max(r["step"] for r in read_metrics(metrics))
+
+
+def test_two_process_ddp_on_cpu_trains_and_writes_one_checkpoint(tmp_path, corpus_file):
+    out = tmp_path / "m.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+           str(ROOT / "train.py"), "--preset", "tiny", "--data", str(corpus_file), "--out", str(out),
+           "--steps", "6", "--eval-every", "3", "--save-every", "3", "--no-plot", "--device", "cpu",
+           "--cache-dir", str(tmp_path / "cache")]
+    result = subprocess.run(cmd, cwd=tmp_path, env=env_one_thread(), capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("done:") == 1  # only rank 0 prints
+    assert sorted(p.name for p in tmp_path.glob("m*")) == ["m.last.pt", "m.metrics.jsonl", "m.pt"]
+    state = read_checkpoint(out.with_name("m.last.pt"))["train_state"]
+    assert state["step"] == 6 and state["world_size"] == 2
+    steps = [r["step"] for r in read_metrics(RunPaths.for_out(out).metrics) if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]  # one writer
+    load_model(out)
+
+
+def test_every_train_config_field_is_a_flag_with_help():
+    parser = build_parser()
+    flags = {opt for a in parser._actions for opt in a.option_strings}
+    for f in fields(TrainConfig):
+        name = f.name.replace("_", "-")
+        assert f"--{name}" in flags or f"--no-{name}" in flags, f.name
+        assert f.metadata["help"], f.name
+    text = parser.format_help()
+    for flag in ("--data", "--out", "--steps", "--batch-size", "--seq-len", "--n-layer", "--n-head", "--n-embd",
+                 "--muon-lr", "--adam-lr", "--dtype", "--eval-every", "--save-every", "--preset", "--resume",
+                 "--seed", "--device", "--force", "--time-budget", "--no-plot", "--warmup"):
+        assert flag in text
+
+
+def test_presets_and_flags_combine_with_flags_winning():
+    seed = training.config_from_args({"preset": "seed"})
+    assert (seed.batch_size, seed.seq_len, seed.steps, seed.muon_lr, seed.adam_lr) == (24, 512, 5000, 0.01, 0.001)
+    assert (seed.n_layer, seed.n_head, seed.n_embd) == (6, 8, 192)
+    assert training.config_from_args({"preset": "seed", "steps": 7}).steps == 7
+    assert training.config_from_args({}) == TrainConfig()
+
+
+@pytest.mark.parametrize("bad", [dict(steps=0), dict(dtype="fp8"), dict(seq_len=128, block_size=64),
+                                 dict(muon_lr=-1.0), dict(n_embd=30), dict(cooldown=2.0)])
+def test_bad_settings_are_user_errors(bad):
+    with pytest.raises(BytelmError):
+        TrainConfig(**bad)
+
+
+def test_bf16_autocast_smoke_on_cpu(tmp_path, corpus_file):
+    """bf16 matmuls are ~300x slower than fp32 on the test CPU, so just two steps of the tiny model."""
+    cfg = tiny(tmp_path, corpus_file, steps=2, eval_every=2, eval_batches=1, sample_bytes=0, dtype="bf16")
+    summary = train(cfg, progress=False)
+    assert summary["stop_reason"] == "done" and summary["best_val_bpb"] < 9
+    model, _ = load_model(cfg.out)
+    assert next(model.parameters()).dtype == torch.float32  # master weights stay fp32
+
+
+def test_a_time_budget_shortens_the_run_so_its_decay_finishes_in_time(tmp_path, corpus_file):
+    cfg = tiny(tmp_path, corpus_file, steps=100_000, eval_every=50, sample_bytes=0, time_budget=4.0)
+    summary = train(cfg, progress=False)
+    assert 40 <= summary["total_steps"] < 100_000  # planned from the timed first steps
+    saved = read_checkpoint(RunPaths.for_out(cfg.out).last)["train_state"]
+    assert saved["config"]["steps"] == summary["total_steps"]  # --resume continues the planned schedule
+    assert cfg.steps == 100_000  # the caller's config is not modified
+    if summary["stop_reason"] == "done":  # unless the shared machine slowed down after planning
+        assert summary["steps"] == summary["total_steps"]
+        last_scale = [r["lr_scale"] for r in read_metrics(RunPaths.for_out(cfg.out).metrics) if "loss" in r][-1]
+        decay_steps = round(cfg.cooldown * summary["total_steps"])
+        assert last_scale == pytest.approx(1 / decay_steps)  # the last step of the decay ran
+
+
+def test_plan_steps_fits_steps_and_evaluations_into_the_budget():
+    cfg = TrainConfig(steps=1000, time_budget=100.0, eval_every=100, eval_batches=9, cooldown=0.4)
+    # 0.1 s per step; an eval costs (9/3 + 2) x 0.1 = 0.5 s; 10 s already spent; 97 - 10 = 87 s left.
+    planned = training.plan_steps(cfg, 20, 10.0, 0.1)
+    assert planned == 20 + int((87 - 0.5) / (0.1 + 0.5 / 100))
+    assert training.plan_steps(cfg, 20, 10.0, 0.001) == 1000  # never more than --steps
+    assert training.plan_steps(cfg, 20, 99.0, 1.0) == 35  # never so few that the decay began in the past
+
+
+def test_auto_threads_leaves_the_cores_other_processes_keep_busy(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.3, 1.0, 1.0))
+    assert training.auto_threads() == 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.0, 0.0))
+    assert training.auto_threads() == 2
+    monkeypatch.setattr(os, "getloadavg", lambda: (5.0, 5.0, 5.0))
+    assert training.auto_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # torchrun, or the user, decided
+    assert training.auto_threads() == 2

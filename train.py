@@ -1,0 +1,16 @@
+"""Train a bytelm model: `python train.py` (same as `bytelm train`). `python train.py --help` lists the flags.
+
+    python train.py                              # default model on the built-in corpus -> byte_llm_model.pt
+    python train.py --preset seed --data my.txt  # the upstream recipe on your own text
+    python train.py --resume                     # continue after a crash or Ctrl-C
+    torchrun --nproc_per_node=2 train.py         # several processes or GPUs (DDP)
+
+Everything lives in bytelm.training; docs/training.md explains the run, its files and its defaults.
+"""
+import sys
+
+from bytelm.errors import run_cli
+from bytelm.training import main
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
