@@ -1,0 +1,104 @@
+"""Sampling: pure functions from next-byte logits to the next byte, with HuggingFace `generate()` semantics.
+
+    from bytelm.sampling import SamplingSettings, sample_next
+    g = torch.Generator().manual_seed(0)
+    byte = sample_next(logits, SamplingSettings(temperature=0.8, top_k=50), recent_bytes, g)
+
+Every function takes logits of shape (V,) or (B, V) (V = 256) and returns a new tensor; nothing is modified in
+place and nothing depends on hidden state, so each step can be tested alone. The order is HuggingFace's:
+repetition penalty, temperature, top-k, top-p, min-p, then one draw from the explicit `torch.Generator`.
+Temperature 0 means greedy (argmax after the repetition penalty, as HF applies processors before greedy).
+Filtered-out bytes get -inf, so they can never be drawn.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """The knobs sample_next reads. `bytelm.generation.InferenceConfig` has the same fields (validated)."""
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # keep the k most likely bytes; 0 or >= 256 = off
+    top_p: float = 1.0  # keep the smallest set whose probability reaches p; 1.0 = off
+    min_p: float = 0.0  # drop bytes less likely than min_p x the most likely one; 0 = off
+    repetition_penalty: float = 1.0  # HF/CTRL penalty on the recent bytes; 1.0 = off
+
+
+def apply_repetition_penalty(logits: torch.Tensor, recent: torch.Tensor | None, penalty: float) -> torch.Tensor:
+    """CTRL / HuggingFace repetition penalty over `recent` bytes only (the caller picks the window).
+
+    A byte that occurs in `recent` has its logit divided by `penalty` if positive, multiplied if negative,
+    once however often it occurs (HF semantics). logits: (V,) or (B, V); recent: (N,) or (B, N) int64.
+    Bytes outside `recent` keep their logits exactly.
+    """
+    if penalty == 1.0 or recent is None or recent.numel() == 0:
+        return logits
+    scores = logits.gather(-1, recent)  # (N,) or (B, N)
+    scores = torch.where(scores > 0, scores / penalty, scores * penalty)
+    return logits.scatter(-1, recent, scores)  # duplicate indices write the same value
+
+
+def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Divide by temperature (> 0). Temperature 0 (greedy) is handled by sample_next, not here."""
+    if temperature <= 0:
+        raise ValueError("temperature must be > 0 here; temperature 0 means greedy (see sample_next)")
+    return logits if temperature == 1.0 else logits / temperature
+
+
+def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits (ties with the k-th are kept, as in HF); k <= 0 or k >= V is a no-op."""
+    if k <= 0 or k >= logits.size(-1):
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (1,) or (B, 1)
+    return logits.masked_fill(logits < kth, _NEG_INF)
+
+
+def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filter (HF TopPLogitsWarper): keep the most likely bytes until their total probability
+    reaches p; the most likely byte is always kept. p >= 1 is a no-op (and skips the sort)."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=False)  # ascending, as HF
+    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove_sorted = cum <= (1.0 - p)  # the low tail whose total mass is at most 1 - p
+    remove_sorted[..., -1:] = False  # always keep the argmax
+    remove = remove_sorted.scatter(-1, sorted_idx, remove_sorted)
+    return logits.masked_fill(remove, _NEG_INF)
+
+
+def filter_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """min-p (HF MinPLogitsWarper): drop bytes whose probability is below min_p x the top probability.
+    min_p <= 0 is a no-op. The most likely byte always survives."""
+    if min_p <= 0.0:
+        return logits
+    probs = logits.softmax(dim=-1)
+    threshold = min_p * probs.amax(dim=-1, keepdim=True)
+    return logits.masked_fill(probs < threshold, _NEG_INF)
+
+
+def filter_logits(logits: torch.Tensor, settings, recent: torch.Tensor | None = None) -> torch.Tensor:
+    """All of the processing before the draw, in HF order. Temperature must be > 0 here."""
+    logits = apply_repetition_penalty(logits, recent, settings.repetition_penalty)
+    logits = apply_temperature(logits, settings.temperature)
+    logits = filter_top_k(logits, settings.top_k)
+    logits = filter_top_p(logits, settings.top_p)
+    return filter_min_p(logits, settings.min_p)
+
+
+def sample_next(logits: torch.Tensor, settings, recent: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Choose the next byte. logits: (V,) or (B, V) float; settings: SamplingSettings or InferenceConfig;
+    recent: the bytes the repetition penalty applies to, (N,) or (B, N) int64, or None.
+
+    Returns int64 of shape () for (V,) logits, (B,) for (B, V). Temperature 0 is argmax (no draw, no RNG use).
+    """
+    logits = logits.float()  # sampling maths in fp32 even if the model ran in bf16
+    if settings.temperature == 0:
+        return apply_repetition_penalty(logits, recent, settings.repetition_penalty).argmax(dim=-1)
+    probs = filter_logits(logits, settings, recent).softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
