@@ -71,6 +71,10 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
     try:
         with os.fdopen(fd, "wb") as f:
+            # mkstemp creates 0600; give the file the mode a plain open() would (0666 less the umask).
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(f.fileno(), 0o666 & ~umask)
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())

@@ -33,6 +33,15 @@ def test_round_trip_restores_identical_weights_config_and_state(tmp_path):
     assert loaded.head.weight is loaded.embed.weight  # tying survives the round trip
 
 
+def test_saved_file_gets_the_usual_permissions_not_mkstemps_0600(tmp_path):
+    old = os.umask(0o022)
+    try:
+        save_checkpoint(tmp_path / "m.pt", make_model(), TINY)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.pt").stat().st_mode & 0o777 == 0o644
+
+
 def test_compiled_or_ddp_prefixes_are_stripped(tmp_path):
     model = make_model()
 
