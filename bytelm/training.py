@@ -48,6 +48,11 @@ from .optim import build_optimizers
 PLAN_AT_STEP = 20  # with a time budget, steps 5..20 are timed and the run's length is fitted to the budget
 
 
+# torch.compile takes about a minute for the default model on 2 CPU cores; below this many steps it does not
+# pay back (measured 0.458 vs 0.578 s per step at batch 16 x 128: bench/bench_train.py).
+COMPILE_MIN_STEPS = 300
+
+
 def _arg(default, help: str, group: str):
     """A TrainConfig field that becomes a command-line flag with this help text."""
     return field(default=default, metadata={"help": help, "group": group})
@@ -100,6 +105,9 @@ class TrainConfig:
                       "device")  # bf16 only where it is fast: bytelm.device
     threads: int = _arg(0, "CPU threads for torch (0: the cores other processes leave free)",
                         "device")  # busy cores stall OpenMP: auto_threads
+    compile: str = _arg("auto", "torch.compile the training forward/backward: on, off, or auto (on for runs "
+                        f"of at least {COMPILE_MIN_STEPS} steps in one process)",
+                        "device")  # 1.26x per step at 16x128 here, after a ~1 min compile: docs/benchmarks.md
     seed: int = _arg(1337, "seed for initialisation and batches", "device")  # nanoGPT's
     # evaluation, logging, checkpoints
     eval_every: int = _arg(100, "evaluate validation bits per byte every this many steps",
@@ -157,6 +165,8 @@ class TrainConfig:
             bad(f"val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.dtype not in ("auto", "fp32", "bf16"):
             bad(f"dtype must be auto, fp32 or bf16, got {self.dtype!r}")
+        if self.compile not in ("auto", "on", "off"):
+            bad(f"compile must be auto, on or off, got {self.compile!r}")
         if self.preset not in TRAIN_PRESETS:
             bad(f"unknown preset {self.preset!r}: choose from {', '.join(TRAIN_PRESETS)}")
         if self.block_size and self.seq_len > self.block_size:
@@ -494,6 +504,11 @@ def _train(cfg: TrainConfig, d: Dist, progress: bool, command: str) -> dict:
         from torch.nn.parallel import DistributedDataParallel as DDP
         ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
+    # The compiled module shares its parameters with `model`; evaluation, sampling and saving use `model`.
+    use_compile = cfg.compile == "on" or (cfg.compile == "auto" and d.world_size == 1
+                                          and cfg.steps - step >= COMPILE_MIN_STEPS)
+    forward = torch.compile(ddp_model) if use_compile else ddp_model
+
     log = MetricsLog(paths.metrics, enabled=d.main)
     if d.main:
         if cfg.resume:
@@ -578,8 +593,17 @@ def _train(cfg: TrainConfig, d: Dist, progress: bool, command: str) -> dict:
                         group["lr"] = base * scale
                 x, y = sampler.next_batch()
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with autocast(device, dtype):
-                    _, loss = ddp_model(x, y)
+                try:
+                    with autocast(device, dtype):
+                        _, loss = forward(x, y)
+                except Exception as e:  # compilation happens at the first call; fall back rather than fail
+                    if forward is ddp_model or cfg.compile == "on":
+                        raise
+                    say(f"warning: torch.compile failed here ({type(e).__name__}); training without it "
+                        "(--compile off skips the attempt)")
+                    forward = ddp_model
+                    with autocast(device, dtype):
+                        _, loss = forward(x, y)
                 loss.backward()
                 if cfg.grad_clip > 0:
                     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -731,6 +755,8 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
                 kwargs["choices"] = list(TRAIN_PRESETS)
             elif f.name == "dtype":
                 kwargs["choices"] = ["auto", "fp32", "bf16"]
+            elif f.name == "compile":
+                kwargs["choices"] = ["auto", "on", "off"]
             group.add_argument(_flag(f.name), type=t, default=argparse.SUPPRESS, metavar=f.name.upper(),
                                help=help_ if default == "" else f"{help_} (default: {default})", **kwargs)
     return parser

@@ -283,3 +283,23 @@ def test_auto_threads_leaves_the_cores_other_processes_keep_busy(monkeypatch):
     assert training.auto_threads() == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "2")  # torchrun, or the user, decided
     assert training.auto_threads() == 2
+
+
+def test_compiled_training_follows_the_eager_reference(tmp_path, corpus_file):
+    """--compile on (the fast path) must train the same model as eager mode, up to float rounding."""
+    eager = tmp_path / "eager"
+    compiled = tmp_path / "compiled"
+    eager.mkdir(), compiled.mkdir()
+    train(tiny(eager, corpus_file, steps=4, eval_every=4, sample_bytes=0, compile="off"), progress=False)
+    train(tiny(compiled, corpus_file, steps=4, eval_every=4, sample_bytes=0, compile="on"), progress=False)
+    a, b = train_losses(eager / "m.metrics.jsonl"), train_losses(compiled / "m.metrics.jsonl")
+    assert len(a) == len(b) == 4
+    assert a == pytest.approx(b, rel=1e-4)
+
+
+def test_auto_compile_is_off_for_short_runs(tmp_path, corpus_file, monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("torch.compile called for a short run")
+
+    monkeypatch.setattr(torch, "compile", refuse)
+    train(tiny(tmp_path, corpus_file, steps=3, eval_every=3, sample_bytes=0), progress=False)

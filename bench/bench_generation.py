@@ -1,0 +1,126 @@
+"""Generation speed, side by side in one run: bytelm with its KV cache, bytelm recomputing the whole window for
+every byte (what the upstream code did), and HuggingFace transformers GPT2LMHeadModel.generate() of the same
+shape. Then bytelm alone past the window: 4,096 new bytes, time to first byte, peak RSS.
+
+    python bench/bench_generation.py            # appends a table to docs/benchmarks.md
+    python bench/bench_generation.py --no-write --new-bytes 64 --repeats 1
+
+Settings (from the performance issue): 64-byte prompt, 448 new bytes (so a 512-position peer fits), batch 1,
+temperature 0.8, top-k 50, top-p 0.9, default model shape (6 layers, 8 heads, width 192), untrained weights
+(speed does not depend on them), stop-at-separator off so every run produces every byte.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch  # noqa: E402
+
+from common import markdown_table, peak_rss_mb, report  # noqa: E402
+from bytelm.config import ModelConfig  # noqa: E402
+from bytelm.generation import ByteLevelGenerator, InferenceConfig  # noqa: E402
+from bytelm.model import ByteLM  # noqa: E402
+from bytelm.sampling import sample_next  # noqa: E402
+
+PROMPT = (b"The quick brown fox jumps over the lazy dog. Byte-level models read"[:64])
+
+
+def bytelm_kv(model, new_bytes, threads) -> tuple[float, float]:
+    """(bytes/s, seconds to first byte) for one generation with the KV cache."""
+    torch.set_num_threads(threads)
+    cfg = InferenceConfig(max_new_bytes=new_bytes, temperature=0.8, top_k=50, top_p=0.9,
+                          repetition_penalty=1.0, seed=0, stop_at_separator=False)
+    gen = ByteLevelGenerator(model, cfg, device="cpu")
+    t0 = time.perf_counter()
+    it = gen.stream_bytes(PROMPT)
+    next(it)
+    ttfb = time.perf_counter() - t0
+    n = 1 + sum(1 for _ in it)
+    assert n == new_bytes, n
+    return n / (time.perf_counter() - t0), ttfb
+
+
+def bytelm_recompute(model, new_bytes, threads) -> float:
+    """The upstream loop: run the whole (cropped) window through the model for every new byte."""
+    torch.set_num_threads(threads)
+    cfg = InferenceConfig(temperature=0.8, top_k=50, top_p=0.9, repetition_penalty=1.0)
+    g = torch.Generator().manual_seed(0)
+    ctx = torch.tensor(list(PROMPT), dtype=torch.long)[None]
+    bs = model.config.block_size
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for _ in range(new_bytes):
+            logits, _ = model(ctx[:, -bs:])
+            nxt = sample_next(logits[0, -1], cfg, None, g)
+            ctx = torch.cat([ctx, nxt.view(1, 1)], dim=1)
+    return new_bytes / (time.perf_counter() - t0)
+
+
+def hf_gpt2(new_bytes, threads, cfg: ModelConfig) -> float | None:
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return None
+    hf_logging.set_verbosity_error()
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=cfg.block_size, n_embd=cfg.n_embd,
+                                       n_layer=cfg.n_layer, n_head=cfg.n_head)).eval()
+    ids = torch.tensor(list(PROMPT), dtype=torch.long)[None]
+    kw = dict(max_new_tokens=new_bytes, min_new_tokens=new_bytes, do_sample=True, temperature=0.8, top_k=50,
+              top_p=0.9, pad_token_id=0, eos_token_id=None)
+    with torch.inference_mode():
+        model.generate(ids, **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
+        t0 = time.perf_counter()
+        out = model.generate(ids, **kw)
+    assert out.shape[1] - ids.shape[1] == new_bytes
+    return new_bytes / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--new-bytes", type=int, default=448)
+    ap.add_argument("--long-bytes", type=int, default=4096)
+    ap.add_argument("--repeats", type=int, default=3, help="runs per row; the median is reported")
+    ap.add_argument("--no-write", action="store_true", help="print only; do not append to docs/benchmarks.md")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    cfg = ModelConfig()
+    model = ByteLM(cfg).eval()
+    threads = torch.get_num_threads()
+
+    # bytelm alone first, so the peak RSS is ours and not the HF model's.
+    long_bps, long_ttfb = bytelm_kv(model, args.long_bytes, threads)
+    rss = peak_rss_mb()
+
+    def median(fn, *a):
+        return statistics.median(fn(*a) for _ in range(args.repeats))
+
+    rows = []
+    kv = {t: median(lambda: bytelm_kv(model, args.new_bytes, t)[0]) for t in sorted({1, threads})}
+    rec = median(bytelm_recompute, model, args.new_bytes, threads)
+    hf = {t: (median(hf_gpt2, args.new_bytes, t, cfg) if hf_gpt2(4, t, cfg) else None) for t in sorted({1, threads})}
+    best_hf = max((v for v in hf.values() if v), default=None)
+    for t, v in kv.items():
+        rows.append([f"bytelm, KV cache", t, v, v / rec, (v / best_hf) if best_hf else "n/a"])
+    rows.append(["bytelm, full-window recompute (upstream)", threads, rec, 1.0, rec / best_hf if best_hf else "n/a"])
+    for t, v in hf.items():
+        rows.append([f"HF transformers GPT2 generate()", t, v if v else "not installed", (v / rec) if v else "n/a",
+                     (v / best_hf) if v else "n/a"])
+    table = markdown_table(["generator (448 new bytes, 64-byte prompt)", "threads", "bytes/s", "x recompute",
+                            "x best HF"], rows)
+    table += "\n\n" + markdown_table(
+        ["bytelm past the window", "new bytes", "bytes/s", "time to first byte (ms)", "peak RSS (MB)"],
+        [["KV cache, sliding window", args.long_bytes, long_bps, long_ttfb * 1000, rss]])
+    report("Generation speed", table,
+           notes=f"Median of {args.repeats} runs per row; untrained default model "
+                 f"({model.num_params():,} parameters), fp32, batch 1.", write=not args.no_write)
+
+
+if __name__ == "__main__":
+    main()
