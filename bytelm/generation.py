@@ -387,6 +387,22 @@ def _read_prompt(args: argparse.Namespace) -> bytes:
         raise BytelmError(f"cannot read prompt file {args.file}: {e.strerror or e}") from None
 
 
+def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+    """--device and --threads, shared by `bytelm generate`, `bytelm chat` and the demo."""
+    parser.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available, else cpu)")
+    parser.add_argument("--threads", type=int, default=1, metavar="N",
+                        help="CPU threads (default: 1; one-byte steps are too small to share out, and a thread "
+                             "whose core is busy stalls the others)")
+
+
+def open_generator(args: argparse.Namespace, config: InferenceConfig) -> "ByteLevelGenerator":
+    """The generator the CLI flags ask for, with torch's CPU threads set from --threads."""
+    if args.threads < 1:
+        raise BytelmError(f"--threads must be at least 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
+    return ByteLevelGenerator(args.model, config, device=args.device)
+
+
 def main(argv: Sequence[str] | None = None, prog: str = "bytelm generate") -> int:
     """Print one generation: only the generated text on stdout (a newline is added on a terminal)."""
     parser = argparse.ArgumentParser(prog=prog, description="Print one generation for a prompt. Only the "
@@ -394,13 +410,13 @@ def main(argv: Sequence[str] | None = None, prog: str = "bytelm generate") -> in
     parser.add_argument("model", nargs="?", default=DEFAULT_PATH, help=f"checkpoint (default: {DEFAULT_PATH})")
     parser.add_argument("-p", "--prompt", default="", help="text to continue (default: empty = a new document)")
     parser.add_argument("-f", "--file", help="read the prompt's bytes from a file ('-' = standard input)")
-    parser.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available, else cpu)")
+    add_runtime_arguments(parser)
     parser.add_argument("-v", "--verbose", action="store_true", help="print speed and settings to stderr")
     add_config_arguments(parser)
     args = parser.parse_args(argv)
     config = config_from_args(args)
     prompt = _read_prompt(args)
-    gen = ByteLevelGenerator(args.model, config, device=args.device)
+    gen = open_generator(args, config)
     if len(prompt) > gen.block_size - 1:
         print(f"note: the prompt has {len(prompt)} bytes; the model sees the last {gen.block_size - 1}",
               file=sys.stderr)
@@ -430,14 +446,14 @@ def demo_main(argv: Sequence[str] | None = None, prog: str = "demo_inference.py"
     """Generate from five varied prompts, streaming each."""
     parser = argparse.ArgumentParser(prog=prog, description="Generate from five varied prompts.")
     parser.add_argument("model", nargs="?", default=DEFAULT_PATH, help=f"checkpoint (default: {DEFAULT_PATH})")
-    parser.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available, else cpu)")
+    add_runtime_arguments(parser)
     add_config_arguments(parser, InferenceConfig(max_new_bytes=200))
     args = parser.parse_args(argv)
     config = config_from_args(args, InferenceConfig(max_new_bytes=200))
     if not Path(args.model).exists():
         raise BytelmError(f"no model at {args.model}: train one first with `python train.py`, "
                           f"or pass a checkpoint: {prog} MODEL")
-    gen = ByteLevelGenerator(args.model, config, device=args.device)
+    gen = open_generator(args, config)
     out = text_stdout()
     for i, prompt in enumerate(DEMO_PROMPTS, 1):
         out.write(f"--- {i}/{len(DEMO_PROMPTS)}: {prompt!r}\n{prompt}")

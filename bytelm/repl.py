@@ -17,7 +17,8 @@ from typing import BinaryIO, Callable, Sequence, TextIO
 
 from .checkpoint import DEFAULT_PATH
 from .errors import BytelmError
-from .generation import ByteLevelGenerator, InferenceConfig, add_config_arguments, config_from_args, text_stdout
+from .generation import (ByteLevelGenerator, InferenceConfig, add_config_arguments, add_runtime_arguments,
+                         config_from_args, open_generator, text_stdout)
 
 PROMPT = "> "
 
@@ -178,6 +179,14 @@ class Repl:
             import readline  # noqa: F401  -- gives input() line editing and history
         except ImportError:
             pass
+        # input() decodes what is typed with stdin's error handler, "strict" in most UTF-8 locales: one invalid
+        # byte (pasted binary, a Latin-1 terminal) raised UnicodeDecodeError and ended the session with a
+        # traceback. surrogateescape keeps such bytes; prompt_to_bytes turns them back into the bytes typed.
+        if getattr(sys.stdin, "errors", None) == "strict" and hasattr(sys.stdin, "reconfigure"):
+            try:
+                sys.stdin.reconfigure(errors="surrogateescape")
+            except (ValueError, OSError):
+                pass
         params = sum(p.numel() for p in self.gen.model.parameters())
         self.say(f"bytelm chat: {self.model_name} ({params:,} parameters, context {self.gen.block_size} bytes, "
                  f"{self.gen.device})")
@@ -207,11 +216,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "python inference.py") -
         prog=prog, description="Interactive prompt for a trained bytelm model. With standard input not a "
         "terminal, each line is a prompt and only the generations are printed.")
     parser.add_argument("model", nargs="?", default=DEFAULT_PATH, help=f"checkpoint (default: {DEFAULT_PATH})")
-    parser.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available, else cpu)")
+    add_runtime_arguments(parser)
     add_config_arguments(parser)
     args = parser.parse_args(argv)
     config = config_from_args(args)
-    gen = ByteLevelGenerator(args.model, config, device=args.device)
+    gen = open_generator(args, config)
     interactive = sys.stdin.isatty()
     out = text_stdout()
     repl = Repl(gen, interactive, out=out, info=out if interactive else sys.stderr, model_name=str(args.model))
