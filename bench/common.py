@@ -34,8 +34,9 @@ def machine() -> str:
     from bytelm.device import cpu_has_fast_bf16
     isa = torch.backends.cpu.get_cpu_capability()
     bf16 = "native bf16" if cpu_has_fast_bf16() else "no native bf16"
+    load = ", load average %.2f at the end (other processes share the machine)" % os.getloadavg()[0]
     return (f"{cpu}, {os.cpu_count()} cores, {isa}, {bf16}; torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads; Python {platform.python_version()}")
+            f"{torch.get_num_threads()} threads; Python {platform.python_version()}{load}")
 
 
 def matmul_peak_gflops(dtype: torch.dtype, n: int = 1024, seconds: float = 1.0) -> float:

@@ -1,0 +1,70 @@
+"""Time to quality: validation bits per byte on tinyshakespeare after a fixed wall-clock budget.
+
+    python bench/bench_time_to_quality.py                 # 600 s in all, appends to docs/benchmarks.md
+    python bench/bench_time_to_quality.py --budget 60 --no-write    # a quick look
+
+Split as nanoGPT's prepare.py: the first 90% of the file trains, the last 10% validates. The budget covers
+everything after the data is loaded: training, its periodic evaluations and the final evaluation of the best
+checkpoint on the WHOLE validation split, which is the number reported.
+Anchor (performance issue, measured on the same machine kind): nanoGPT's CPU recipe stretched to 10 minutes,
+2.208 bpb; target <= 2.10.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch  # noqa: E402
+
+from common import SHAKESPEARE, markdown_table, report  # noqa: E402
+from bytelm.checkpoint import load_model  # noqa: E402
+from bytelm.data import eval_batches, load_corpus  # noqa: E402
+from bytelm.metrics import bits_per_byte  # noqa: E402
+from bytelm.training import TrainConfig, evaluate, train  # noqa: E402
+
+FINAL_EVAL_RESERVE = 25.0  # seconds kept for the whole-split evaluation (~111 KB, forward only)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--budget", type=float, default=600.0, help="seconds for training + all evaluation")
+    ap.add_argument("--data", default=str(SHAKESPEARE))
+    ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("train_flags", nargs="*", help="TrainConfig overrides as key=value, e.g. n_layer=4")
+    args = ap.parse_args()
+    if not Path(args.data).exists():
+        sys.exit(f"error: {args.data} not found (the benchmark text lives in ../shared/data)")
+    overrides = {}
+    for kv in args.train_flags:
+        k, v = kv.split("=", 1)
+        t = type(getattr(TrainConfig(), k))
+        overrides[k] = (v.lower() in ("1", "true", "yes")) if t is bool else t(v)
+
+    out = Path(tempfile.mkdtemp(prefix="bytelm-ttq-")) / "model.pt"
+    cfg = TrainConfig(**{**dict(data=args.data, val_fraction=0.1, out=str(out), steps=100_000, plot=False,
+                                sample_bytes=0, eval_every=200, time_budget=args.budget - FINAL_EVAL_RESERVE),
+                         **overrides})
+    t0 = time.perf_counter()
+    summary = train(cfg, progress=False, command="bench/bench_time_to_quality.py")
+    model, _ = load_model(out)
+    corpus = load_corpus(args.data, val_fraction=0.1, cache_dir=cfg.cache_dir or None)
+    batches = eval_batches(corpus.val, cfg.batch_size, cfg.seq_len)  # the whole split
+    bpb = bits_per_byte(evaluate(model, batches, torch.device("cpu"), "fp32"))
+    wall = time.perf_counter() - t0
+    rows = [[f"bytelm {cfg.n_layer}x{cfg.n_head}x{cfg.n_embd}, batch {cfg.batch_size} x {cfg.seq_len}, "
+             f"compile {cfg.compile}", model.num_params(), summary["steps"], wall, bpb, "2.208", "<= 2.10"]]
+    table = markdown_table(["run", "parameters", "steps", "wall s (train + evals)",
+                            "val bpb, whole split (best ckpt)", "nanoGPT anchor", "target"], rows)
+    notes = (f"Train/val: first 90% / last 10% of {Path(args.data).name} ({len(corpus.train):,} / "
+             f"{len(corpus.val):,} bytes). Best checkpoint at step {summary['best_step']} (val bpb on "
+             f"{cfg.eval_batches} batches during training: {summary['best_val_bpb']:.4f}); "
+             f"{summary['bytes_per_s']:,.0f} training bytes/s overall.")
+    report(f"Time to quality: tinyshakespeare, {args.budget:.0f} s budget", table, notes, write=not args.no_write)
+
+
+if __name__ == "__main__":
+    main()
