@@ -9,6 +9,7 @@ File layout (a torch.save'd dict, loaded with weights_only=True so no pickled ob
 """
 from __future__ import annotations
 
+import glob
 import os
 import pickle
 import tempfile
@@ -84,8 +85,14 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
             os.unlink(tmp)
         except OSError:
             pass
-        if isinstance(e, OSError):
-            raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}; "
+        # torch.save's zip writer reacts to a failed write (ENOSPC, EIO, EFBIG) by raising RuntimeError
+        # ("unexpected pos ...") from its __exit__, with the OSError only as __context__: look down the chain,
+        # or a full disk ends training with a traceback (found by tests/test_fault_injection.py).
+        err = e
+        while isinstance(err, Exception) and not isinstance(err, OSError):
+            err = err.__cause__ or err.__context__
+        if isinstance(e, Exception) and isinstance(err, OSError):
+            raise CheckpointError(f"cannot write checkpoint {path}: {err.strerror or err}; "
                                   "the previous file, if any, is unchanged") from None
         raise
     _fsync_dir(folder)
@@ -105,6 +112,85 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, config: Mod
     atomic_save(ckpt, path)
 
 
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Delete temporary files that an atomic_save of `path` killed mid-write (SIGKILL, power loss) left behind.
+
+    They never affect loading (they have other names), but they would pile up. Only call this when no other
+    process can be saving `path` right now: training does, while it holds the run's lock.
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    removed = []
+    # mkstemp's names: the prefix, 8 random characters, the suffix. Exactly 8, so the temp files of another
+    # checkpoint whose name merely starts with this one's (m.pt.v2.pt beside m.pt) are never matched.
+    for tmp in folder.glob(f".{glob.escape(path.name)}.{'?' * 8}.tmp"):
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except OSError:
+            pass
+    return removed
+
+
+_ZIP_MAGIC = b"PK\x03\x04"  # how torch.load tells its zip format from the legacy one (torch.serialization)
+
+
+def _check_archive(path: Path) -> None:
+    """Refuse a zip whose entries would inflate beyond the file's own size (a zip bomb), or whose data fail
+    their CRC-32 (silent damage), before torch reads it.
+
+    torch.save writes every entry uncompressed (stored), and torch.load checks each storage's declared size
+    against its entry's size, but it does inflate a compressed entry in full: a 1 MB file can make it
+    allocate 1 GB (measured; docs/reliability.md). So a bytelm checkpoint's entries must all be stored, and
+    together no larger than the file. Legacy (non-zip) files are left to torch.load, which reads each storage
+    from the file itself and never touches memory a file only declares (measured too).
+    """
+    try:
+        with open(path, "rb") as f:
+            if f.read(len(_ZIP_MAGIC)) != _ZIP_MAGIC:
+                return
+            size = os.fstat(f.fileno()).st_size
+            f.seek(0)
+            with zipfile.ZipFile(f) as zf:
+                entries = zf.infolist()
+                declared = sum(e.file_size for e in entries)
+                compressed = [e.filename for e in entries if e.compress_type != zipfile.ZIP_STORED]
+                if compressed or declared > size:
+                    raise CheckpointError(
+                        f"refusing {path}: its entries declare {declared:,} bytes in a {size:,}-byte file"
+                        + (f" ({len(compressed)} compressed, which torch.save never writes)" if compressed else "")
+                        + "; a bytelm checkpoint is never compressed (possible zip bomb); nothing was loaded")
+                # miniz (torch's zip reader) treats an entry with the DOS folder attribute as empty and hands
+                # torch uninitialised memory for it: found by tests/test_fuzz.py, a one-bit flip in the zip
+                # directory that loaded different weights without a word.
+                folders = [e.filename for e in entries if e.is_dir() or e.external_attr & 0x10]
+                if folders:
+                    raise CheckpointError(f"{path} is corrupt: entry {folders[0]!r} is marked as a folder; "
+                                          "nothing was loaded")
+                # torch.load does not check the CRC-32 that torch.save stores for each entry, so a flipped bit
+                # in the weights (a failing disk, a bad copy) would load silently. Reading the file once more
+                # costs ~30 ms for the default model's resume file. CRC 0 means torch.save was told not to
+                # compute it (torch.serialization.set_crc32_options): nothing to check then.
+                for e in entries:
+                    if e.CRC == 0 and e.file_size:
+                        continue
+                    with zf.open(e) as entry:
+                        while entry.read(1 << 20):
+                            pass
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
+    except zipfile.BadZipFile as e:
+        if "CRC" in str(e):
+            raise CheckpointError(f"{path} is corrupt: {str(e).replace('Bad CRC-32 for file', 'entry')} fails its "
+                                  "CRC-32 check (damaged on disk or in a copy); nothing was loaded") from None
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} is not a readable bytelm checkpoint (truncated or corrupt: {reason})") from None
+    except (zipfile.LargeZipFile, ValueError, EOFError, NotImplementedError, RuntimeError) as e:
+        # RuntimeError: zipfile's answer to an entry flagged as encrypted (found by tests/test_fuzz.py)
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} is not a readable bytelm checkpoint (truncated or corrupt: {reason})") from None
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """Load and check a checkpoint's dict on CPU. Raises CheckpointError with one clear line."""
     path = Path(path)
@@ -112,6 +198,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"checkpoint not found: {path} (train one with `python train.py`)")
     if path.is_dir():
         raise CheckpointError(f"checkpoint path is a folder, not a file: {path}")
+    _check_archive(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -137,6 +224,39 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     return ckpt
 
 
+def check_weights(path: str | os.PathLike, config: ModelConfig, state: dict) -> None:
+    """Check that `state` fits a ByteLM of `config` before any memory is allocated for the model.
+
+    Names and shapes are compared with a model built on the meta device (no memory). Shapes alone prove
+    nothing about size, though: a tensor can claim any shape over a one-element storage (stride 0), so a
+    5 KB file could pass for a model of gigabytes. The weights' storages must therefore really hold (at
+    least half precision) as many bytes as the model will allocate: what we build is bounded by the file.
+    """
+    with torch.device("meta"):
+        meta_model = ByteLM(config)
+    expected = meta_model.state_dict()
+    for name, t in expected.items():
+        got = state.get(name)
+        if not isinstance(got, torch.Tensor):
+            raise CheckpointError(f"{path}: weight {name} is missing")
+        if tuple(got.shape) != tuple(t.shape):
+            raise CheckpointError(f"{path}: weight {name} has shape {tuple(got.shape)}, "
+                                  f"the config needs {tuple(t.shape)}")
+        if not got.is_floating_point():
+            raise CheckpointError(f"{path}: weight {name} holds {got.dtype}, not floating-point numbers")
+    extra = sorted(map(str, set(state) - set(expected)))
+    if extra:
+        raise CheckpointError(f"{path}: unexpected weights {extra[:3]}")
+    storages = {}
+    for t in state.values():
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = max(storages.get(s.data_ptr(), 0), s.nbytes())
+    need = sum(p.numel() for p in meta_model.parameters()) * 2  # bytes at 16 bits a weight
+    if sum(storages.values()) < need:
+        raise CheckpointError(f"{path}: its weights hold {sum(storages.values()):,} bytes of data, but the config "
+                              f"needs {need // 2:,} weights; refusing it (corrupt or crafted)")
+
+
 def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[ByteLM, dict]:
     """Rebuild the model from a checkpoint. Returns (model in eval mode on `device`, checkpoint dict)."""
     ckpt = read_checkpoint(path)
@@ -145,19 +265,7 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> t
     except (BytelmError, TypeError) as e:
         raise CheckpointError(f"{path}: {e}") from None
     state = ckpt["model"]
-    # Check every shape before building the model, so a lying file cannot make us allocate for nothing.
-    with torch.device("meta"):
-        expected = ByteLM(config).state_dict()
-    for name, t in expected.items():
-        got = state.get(name)
-        if not isinstance(got, torch.Tensor):
-            raise CheckpointError(f"{path}: weight {name} is missing")
-        if tuple(got.shape) != tuple(t.shape):
-            raise CheckpointError(f"{path}: weight {name} has shape {tuple(got.shape)}, "
-                                  f"the config needs {tuple(t.shape)}")
-    extra = sorted(set(state) - set(expected))
-    if extra:
-        raise CheckpointError(f"{path}: unexpected weights {extra[:3]}")
+    check_weights(path, config, state)
     model = ByteLM(config)
     model.load_state_dict(state)
     return model.to(device).eval(), ckpt

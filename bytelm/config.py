@@ -4,6 +4,7 @@ Training configuration lives in `bytelm.training` next to the loop that reads it
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 from .errors import BytelmError
@@ -56,8 +57,10 @@ class ModelConfig:
             bad(f"mlp_ratio must be in 1..16, got {self.mlp_ratio}")
         if not isinstance(self.tie_embeddings, bool):
             bad("tie_embeddings must be true or false")
-        if not (isinstance(self.rope_base, (int, float)) and self.rope_base > 1):
-            bad(f"rope_base must be a number > 1, got {self.rope_base!r}")
+        # finite too: rope_base=inf passed `> 1` and silently turned rotary positions off (all angles 0)
+        if not (isinstance(self.rope_base, (int, float)) and not isinstance(self.rope_base, bool)
+                and 1 < self.rope_base < math.inf):
+            bad(f"rope_base must be a finite number > 1, got {self.rope_base!r}")
         if not (isinstance(self.norm_eps, (int, float)) and 0 < self.norm_eps < 1):
             bad(f"norm_eps must be in (0, 1), got {self.norm_eps!r}")
 

@@ -17,6 +17,7 @@ Files, all beside --out (docs/training.md):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import shlex
@@ -35,7 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .checkpoint import DEFAULT_PATH, read_checkpoint, save_checkpoint
+from .checkpoint import DEFAULT_PATH, check_weights, read_checkpoint, remove_stale_temps, save_checkpoint
 from .config import DOC_SEPARATOR, MODEL_PRESETS, ModelConfig
 from .data import BatchSampler, eval_batches, load_corpus
 from .device import autocast, default_dtype, pick_device
@@ -43,6 +44,11 @@ from .errors import BytelmError, DataError
 from .metrics import MetricsLog, bits_per_byte, plot_losses
 from .model import ByteLM
 from .optim import build_optimizers
+
+try:
+    import fcntl
+except ImportError:  # Windows: runs are not locked there
+    fcntl = None
 
 
 PLAN_AT_STEP = 20  # with a time budget, steps 5..20 are timed and the run's length is fitted to the budget
@@ -243,6 +249,68 @@ class RunPaths:
         return {k: str(v) for k, v in asdict(self).items()}
 
 
+def lock_path(out: str | os.PathLike) -> Path:
+    """The hidden file a run locks while it writes `out` and its run files: .byte_llm_model.pt.lock."""
+    out = Path(out)
+    return out.with_name(f".{out.name}.lock")
+
+
+@contextlib.contextmanager
+def run_lock(out: str | os.PathLike, enabled: bool = True):
+    """Hold an exclusive lock on `out` for the whole run, so a second run at the same --out (which with --force
+    would delete the first one's files, and would otherwise interleave its checkpoints) is refused at once
+    with the first one's PID. flock is released by the kernel when a process dies, even by SIGKILL, so a
+    crashed run never leaves a stale lock. Where flock is missing or unsupported (Windows, some network
+    filesystems) runs are not locked.
+    """
+    if not enabled or fcntl is None:
+        yield
+        return
+    path = lock_path(out)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BytelmError(f"cannot create the folder of --out {out}: {e.strerror or e}") from None
+    for _ in range(10):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise BytelmError(f"cannot write beside --out {out} ({path}: {e.strerror or e})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            os.close(fd)
+            who = f" (PID {pid})" if pid.isdigit() else ""
+            raise BytelmError(f"another training run{who} is writing {out}; wait for it to finish or stop it, "
+                              f"or choose another --out") from None
+        except OSError:  # ENOLCK and friends: this filesystem cannot lock; run unlocked as before
+            os.close(fd)
+            yield
+            return
+        # A run that just finished deletes the file after we opened it: then our lock is on a file nobody
+        # else can see, so open the new one and lock again.
+        try:
+            st, mine = os.stat(path), os.fstat(fd)
+            if (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    else:
+        raise BytelmError(f"cannot lock {path}: it keeps being replaced")
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        try:
+            os.unlink(path)  # while still locked, so anyone who opened it sees it gone and starts again
+        except OSError:
+            pass
+        os.close(fd)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Distributed setup: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them this is one process.
 
@@ -398,6 +466,31 @@ class NonFiniteLoss(BytelmError):
     """The loss or gradient became NaN/Inf; training stopped without saving the broken model."""
 
 
+def _run_file_error(path, e: OSError) -> BytelmError:
+    return BytelmError(f"cannot write {path}: {e.strerror or e}; training stopped, and the checkpoints already "
+                       "saved are unchanged")
+
+
+class _RunLog(MetricsLog):
+    """The metrics log, whose write errors (a full disk, a failing device) stop the run with one clear line
+    instead of a traceback: with the disk full, this small append is often the first write to fail."""
+
+    def _guard(self, fn, *args) -> None:
+        try:
+            fn(*args)
+        except OSError as e:
+            raise _run_file_error(self.path, e) from None
+
+    def write(self, record: dict) -> None:
+        self._guard(super().write, record)
+
+    def truncate_after(self, step: int) -> None:
+        self._guard(super().truncate_after, step)
+
+    def reset(self) -> None:
+        self._guard(super().reset)
+
+
 def _fmt_time(s: float) -> str:
     s = int(round(s))
     return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
@@ -419,7 +512,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, command: str = "python tra
     cfg.validate()
     d = setup_distributed(cfg.device)
     try:
-        return _train(cfg, d, progress, command)
+        with run_lock(cfg.out, enabled=d.main):  # rank 0 writes every file, so it holds the lock
+            return _train(cfg, d, progress, command)
     finally:
         if d.owns_group and dist.is_initialized():
             dist.destroy_process_group()
@@ -460,6 +554,9 @@ def _train(cfg: TrainConfig, d: Dist, progress: bool, command: str) -> dict:
             if p.exists():
                 raise BytelmError(f"{p} already exists: add --resume to continue that run, --force to start "
                                   f"over and overwrite it, or choose another --out")
+    if d.main:  # temp files of saves that a SIGKILL cut short; safe to delete while we hold the run lock
+        for p in (paths.best, paths.last):
+            remove_stale_temps(p)
     if cfg.stop_at and cfg.stop_at <= state.get("step", 0):
         raise BytelmError(f"--stop-at {cfg.stop_at} is not after the resumed step {state['step']}")
 
@@ -473,6 +570,8 @@ def _train(cfg: TrainConfig, d: Dist, progress: bool, command: str) -> dict:
     sampler = BatchSampler(corpus.train, cfg.batch_size, cfg.seq_len, cfg.seed, d.rank, d.world_size)
 
     model_cfg = cfg.model_config()
+    if cfg.resume:  # before allocating the model: the resumed settings came from that file (config_from_args)
+        check_weights(paths.last, model_cfg, ckpt["model"])
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     model = ByteLM(model_cfg).to(device)
     optimizers = build_optimizers(model, muon_lr=cfg.muon_lr, adam_lr=cfg.adam_lr,
@@ -509,7 +608,7 @@ def _train(cfg: TrainConfig, d: Dist, progress: bool, command: str) -> dict:
                                           and cfg.steps - step >= COMPILE_MIN_STEPS)
     forward = torch.compile(ddp_model) if use_compile else ddp_model
 
-    log = MetricsLog(paths.metrics, enabled=d.main)
+    log = _RunLog(paths.metrics, enabled=d.main)
     if d.main:
         if cfg.resume:
             log.truncate_after(step)  # steps after the saved state are about to be redone
@@ -528,12 +627,24 @@ def _train(cfg: TrainConfig, d: Dist, progress: bool, command: str) -> dict:
                         "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}
         return s
 
+    def check_weights_finite() -> None:
+        # The loss check in the loop sees a non-finite update only one step later; an optimizer step can turn
+        # finite gradients into inf/NaN weights (a huge learning rate), and the save right after it would
+        # then replace the last good state with a broken model. Identical on every rank (DDP weights agree).
+        if not bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()):
+            raise NonFiniteLoss(_nonfinite_message("model weights", "not finite (inf or nan)", step, paths,
+                                                   metrics, command, cfg, phrase="are"))
+
     def save_last() -> None:
+        check_weights_finite()
         if d.main:
             save_checkpoint(paths.last, model, model_cfg, train_state(full=True))
 
     def run_eval() -> None:
+        check_weights_finite()
         val_loss = evaluate(model, val_batches, device, dtype, d)
+        if not math.isfinite(val_loss):  # never "best, saved" for a broken model (nan < best is False, None is not)
+            raise NonFiniteLoss(_nonfinite_message("validation loss", val_loss, step, paths, metrics, command, cfg))
         bpb = bits_per_byte(val_loss)
         metrics["last_val_bpb"] = bpb
         improved = metrics["best_val_bpb"] is None or bpb < metrics["best_val_bpb"]
@@ -552,7 +663,10 @@ def _train(cfg: TrainConfig, d: Dist, progress: bool, command: str) -> dict:
             text = sample_bytes(model, prompt, cfg.sample_bytes, seed=cfg.seed)
             say(f"  sample: {_show(prompt)}\u2502{_show(text)}")
         if cfg.plot:
-            plot_losses(paths.metrics, paths.plot)
+            try:
+                plot_losses(paths.metrics, paths.plot)
+            except OSError as e:  # a full disk: one clear line, not a matplotlib traceback
+                raise _run_file_error(paths.plot, e) from None
 
     prompt = sample_prompt(corpus.val)
     bytes_per_step = cfg.batch_size * cfg.seq_len * d.world_size
@@ -703,8 +817,8 @@ def _quote(s: str) -> str:
     return shlex.quote(s)
 
 
-def _nonfinite_message(what: str, value: float, step: int, paths: RunPaths, metrics: dict, command: str,
-                       cfg: TrainConfig) -> str:
+def _nonfinite_message(what: str, value, step: int, paths: RunPaths, metrics: dict, command: str,
+                       cfg: TrainConfig, phrase: str = "is") -> str:
     kept = []
     if paths.last.exists():
         kept.append(f"the last good state is {paths.last}")
@@ -712,7 +826,7 @@ def _nonfinite_message(what: str, value: float, step: int, paths: RunPaths, metr
         kept.append(f"the best model (val bpb {metrics['best_val_bpb']:.4f}, step {metrics['best_step']}) "
                     f"is {paths.best}")
     kept_s = "; ".join(kept) if kept else "nothing had been saved yet"
-    return (f"training diverged: the {what} is {value} at step {step}; stopped without saving this model "
+    return (f"training diverged: the {what} {phrase} {value} at step {step}; stopped without saving this model "
             f"({kept_s}). Try lower learning rates (--muon-lr {cfg.muon_lr / 2:g} --adam-lr {cfg.adam_lr / 2:g}), "
             f"a longer --warmup or --dtype fp32"
             + (f", then: {command} --resume{'' if cfg.out == DEFAULT_PATH else ' --out ' + _quote(cfg.out)} "
