@@ -35,8 +35,10 @@ import torch
 
 from .checkpoint import DEFAULT_PATH, load_model
 from .config import DOC_SEPARATOR
+from .decode import FastDecoder
 from .device import pick_device
 from .errors import BytelmError
+from .model import ByteLM
 from .sampling import sample_next
 
 _MAX_SEED = 2**64 - 1  # torch.Generator seeds are 64-bit
@@ -241,7 +243,8 @@ class ByteLevelGenerator:
     slide_keep_fraction = 0.5  # after the window fills, re-prefill this share of it (docs/generation.md)
 
     def __init__(self, model: str | os.PathLike | torch.nn.Module = DEFAULT_PATH,
-                 config: InferenceConfig | None = None, device: str | torch.device | None = None):
+                 config: InferenceConfig | None = None, device: str | torch.device | None = None,
+                 decode_step: str = "auto"):
         if config is not None and not isinstance(config, InferenceConfig):
             raise TypeError(f"config must be an InferenceConfig, not {type(config).__name__}")
         self.config = config if config is not None else InferenceConfig()
@@ -259,9 +262,14 @@ class ByteLevelGenerator:
         else:
             raise TypeError(f"model must be a checkpoint path or a torch module, not {type(model).__name__}")
         self.block_size: int = self.model.config.block_size
+        # How one-byte steps run (bytelm/decode.py): "auto" = the C step where it builds, else the lean torch
+        # step; "torch" = the lean torch step; "reference" = ByteLM.forward. Other modules always use forward.
+        if decode_step not in ("auto", "torch", "reference"):
+            raise ValueError(f"decode_step must be auto, torch or reference, not {decode_step!r}")
+        self.decode_step = decode_step if isinstance(self.model, ByteLM) else "reference"
         self._generator = torch.Generator(device=self.device)
         self.last_seed: int | None = None  # the seed the last sampled generation used: reuse it to repeat it
-        self.last_stats: dict = {}  # prompt_bytes, new_bytes, seconds, bytes_per_s, slides, stopped_by
+        self.last_stats: dict = {}  # prompt_bytes, new_bytes, seconds, bytes_per_s, slides, stopped_by, step
 
     # -- public API -----------------------------------------------------------------------------------------
     def generate(self, prompt: str | bytes = "", **overrides) -> str:
@@ -318,8 +326,11 @@ class ByteLevelGenerator:
         buf[:n] = torch.tensor(list(context), dtype=torch.long)
         start = 0
         cache = model.new_cache(1)  # one per generation: interleaved streams never share state
+        # Built per generation (a few ms): it copies the weights, so it must never outlive a change to them.
+        fast = None if self.decode_step == "reference" else FastDecoder(model, native=self.decode_step == "auto")
         stats = self.last_stats = {"prompt_bytes": n, "new_bytes": 0, "seconds": 0.0, "bytes_per_s": 0.0,
-                                   "slides": 0, "stopped_by": "length"}
+                                   "slides": 0, "stopped_by": "length",
+                                   "step": "reference" if fast is None else "C" if fast.native else "torch"}
         t0 = time.perf_counter()
         produced = 0
         try:
@@ -350,6 +361,8 @@ class ByteLevelGenerator:
                             start = n - keep
                             stats["slides"] += 1
                             logits = model(buf[start:n].view(1, keep), cache=cache, last_only=True)[0].view(-1)
+                        elif fast is not None:
+                            logits = fast.step(nxt, cache)  # (V,), the same as the line below computes
                         else:
                             logits = model(buf[n - 1:n].view(1, 1), cache=cache, last_only=True)[0].view(-1)
                 yield b

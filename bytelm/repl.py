@@ -136,7 +136,8 @@ class Repl:
             self.say(f"  {name:<20} {self._show(getattr(c, name)):<8} {commands.get(name, '')}")
         params = sum(p.numel() for p in g.model.parameters())
         self.say(f"  model: {self.model_name or 'in memory'}, {params:,} parameters, context {g.block_size} bytes, "
-                 f"device {g.device}" + (f", last seed {g.last_seed}" if g.last_seed is not None else ""))
+                 f"device {g.device}" + (f", last seed {g.last_seed}" if g.last_seed is not None else "")
+                 + (f", decode step {g.last_stats['step']}" if "step" in g.last_stats else ""))
 
     # -- generation -----------------------------------------------------------------------------------------
     def generate(self, prompt: str | bytes) -> None:

@@ -1,0 +1,115 @@
+/* One-byte decode step of ByteLM in plain C (fp32, batch 1, one thread).
+ *
+ * The same arithmetic as bytelm/decode.py's torch path (and so as ByteLM.forward with a KV cache), in one
+ * call: at batch 1 a step is ~25 small matrix-vector products plus ~150 elementwise operations, and in torch
+ * each of those costs microseconds of dispatch. Here the step is bounded by reading the weights once.
+ *
+ * Built and loaded by bytelm/native.py (gcc or cc, -O3 -march=native -fopenmp-simd); tests/test_decode.py
+ * checks it against the reference. Layouts (all row-major, contiguous, float32):
+ *   embed (V, C); w_qkv (L, 3C, C); w_proj (L, C, C); w_fc (L, F, C); w_out (L, C, F); head (V, C)
+ *   rope_cos, rope_sin (T, 2, D): per position, a row for queries (scaled by 1/sqrt(D)) and one for keys
+ *   k_cache, v_cache (L, H, max_len, D): the KVCache tensors of batch 1
+ *   scratch: at least 5C + max(F, max_len) floats; logits (V)
+ * RMSNorm weights are already folded into w_qkv, w_fc and head (see decode.py).
+ */
+#include <math.h>
+#include <stddef.h>
+
+/* y (rows) = W (rows, cols) @ x (cols) [+ y if accumulate]. Four rows at a time: four independent sums
+ * keep the vector units busy while the next rows stream in from memory. */
+static void matvec(const float *restrict w, const float *restrict x, float *restrict y,
+                   int rows, int cols, int accumulate) {
+    int r = 0;
+    for (; r + 4 <= rows; r += 4) {
+        const float *restrict w0 = w + (size_t)r * cols, *restrict w1 = w0 + cols;
+        const float *restrict w2 = w1 + cols, *restrict w3 = w2 + cols;
+        float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+        for (int c = 0; c < cols; c++) {
+            a0 += w0[c] * x[c]; a1 += w1[c] * x[c]; a2 += w2[c] * x[c]; a3 += w3[c] * x[c];
+        }
+        if (accumulate) { y[r] += a0; y[r + 1] += a1; y[r + 2] += a2; y[r + 3] += a3; }
+        else { y[r] = a0; y[r + 1] = a1; y[r + 2] = a2; y[r + 3] = a3; }
+    }
+    for (; r < rows; r++) {
+        const float *restrict row = w + (size_t)r * cols;
+        float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+        for (int c = 0; c < cols; c++) acc += row[c] * x[c];
+        y[r] = accumulate ? y[r] + acc : acc;
+    }
+}
+
+/* out = x / sqrt(mean(x^2) + eps), no weight (folded into the next matrix) */
+static void rms_norm(const float *restrict x, float *restrict out, int n, float eps) {
+    float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+    for (int i = 0; i < n; i++) ss += x[i] * x[i];
+    float r = 1.0f / sqrtf(ss / (float)n + eps);
+    for (int i = 0; i < n; i++) out[i] = x[i] * r;
+}
+
+/* QK-norm then rotary, in place on one head vector v (D): v * cos + roll(v, D/2) * sin */
+static void norm_rotate(float *restrict v, const float *restrict cos_row, const float *restrict sin_row,
+                        int D, float eps, float *restrict tmp) {
+    rms_norm(v, tmp, D, eps);
+    int half = D / 2;
+    for (int i = 0; i < D; i++) {
+        float rolled = tmp[i < half ? i + half : i - half];
+        v[i] = tmp[i] * cos_row[i] + rolled * sin_row[i];
+    }
+}
+
+int bytelm_decode_step(int n_layer, int C, int H, int F, int V, int max_len, int pos, int byte,
+                       float eps, float qk_eps,
+                       const float *embed, const float *w_qkv, const float *w_proj, const float *w_fc,
+                       const float *w_out, const float *head, const float *rope_cos, const float *rope_sin,
+                       float *k_cache, float *v_cache, float *scratch, float *logits) {
+    if (pos < 0 || pos >= max_len || byte < 0 || byte >= V || C % H) return 1;
+    const int D = C / H, end = pos + 1;
+    float *x = scratch;              /* (C) the residual stream */
+    float *h = x + C;                /* (C) normalised input of a matrix */
+    float *qkv = h + C;              /* (3C) */
+    float *hidden = qkv + 3 * C;     /* (max(F, max_len)): MLP hidden, or attention weights of one head */
+    const float *cos_q = rope_cos + (size_t)pos * 2 * D, *cos_k = cos_q + D;
+    const float *sin_q = rope_sin + (size_t)pos * 2 * D, *sin_k = sin_q + D;
+
+    for (int i = 0; i < C; i++) x[i] = embed[(size_t)byte * C + i];
+    for (int l = 0; l < n_layer; l++) {
+        /* attention */
+        rms_norm(x, h, C, eps);
+        matvec(w_qkv + (size_t)l * 3 * C * C, h, qkv, 3 * C, C, 0);
+        for (int hd = 0; hd < H; hd++) {
+            float *q = qkv + hd * D, *k = qkv + C + hd * D, *v = qkv + 2 * C + hd * D;
+            norm_rotate(q, cos_q, sin_q, D, qk_eps, h);
+            norm_rotate(k, cos_k, sin_k, D, qk_eps, h);
+            float *kc = k_cache + (((size_t)l * H + hd) * max_len) * D;  /* (max_len, D) */
+            float *vc = v_cache + (((size_t)l * H + hd) * max_len) * D;
+            for (int i = 0; i < D; i++) { kc[(size_t)pos * D + i] = k[i]; vc[(size_t)pos * D + i] = v[i]; }
+            float *att = hidden, top = -INFINITY, total = 0.0f;
+            for (int t = 0; t < end; t++) {  /* scores; q already carries 1/sqrt(D) */
+                float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+                for (int i = 0; i < D; i++) s += q[i] * kc[(size_t)t * D + i];
+                att[t] = s;
+                top = s > top ? s : top;
+            }
+            for (int t = 0; t < end; t++) { att[t] = expf(att[t] - top); total += att[t]; }
+            float *y = q;  /* q is no longer needed: the head's output goes in its place */
+            for (int i = 0; i < D; i++) y[i] = 0.0f;
+            for (int t = 0; t < end; t++) {
+                float p = att[t] / total;
+                for (int i = 0; i < D; i++) y[i] += p * vc[(size_t)t * D + i];
+            }
+        }
+        matvec(w_proj + (size_t)l * C * C, qkv, x, C, C, 1);  /* heads' outputs are qkv[0:C] */
+        /* MLP: ReLU^2 */
+        rms_norm(x, h, C, eps);
+        matvec(w_fc + (size_t)l * F * C, h, hidden, F, C, 0);
+        for (int i = 0; i < F; i++) { float r = hidden[i] > 0.0f ? hidden[i] : 0.0f; hidden[i] = r * r; }
+        matvec(w_out + (size_t)l * C * F, hidden, x, C, F, 1);
+    }
+    rms_norm(x, h, C, eps);
+    matvec(head, h, logits, V, C, 0);
+    return 0;
+}

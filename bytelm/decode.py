@@ -1,0 +1,118 @@
+"""The one-byte decode step, lean: the same arithmetic as ByteLM.forward(idx (1, 1), cache), in fewer tensor ops.
+
+At batch 1 a step is a few hundred small operations whose cost is mostly the ~2-5 us each one takes to
+dispatch, not arithmetic (docs/generation.md has the profile). So this module precomputes what it can once,
+when the decoder is built, and runs each step on flat vectors:
+
+  * the RMSNorm weights are folded into the matrix that follows each norm (W @ (w * x) = (W * w) @ x);
+  * the attention scale 1/sqrt(D) is folded into the queries' rotary tables;
+  * rotary is x * cos + roll(x, D/2) * sin, with the signs in the sin table: two ops instead of six;
+  * attention of one query over the cache is two batched matrix products and a softmax (no mask needed);
+  * residual projections are one fused multiply-add (addmv) each.
+
+ByteLM.forward stays the reference; tests/test_decode.py checks that the logits agree to float rounding
+and the generator uses this step only for batch-1 single-byte steps on a real ByteLM.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .model import ByteLM, KVCache
+from .native import decode_kernel
+
+
+class FastDecoder:
+    """Precomputed weights of a ByteLM for one-byte steps. Rebuild it if the model's weights change.
+
+    step(byte, cache) -> logits (256,): feeds one byte at position cache.pos, writes its keys and values
+    into `cache` (the same KVCache ByteLM.forward fills, so prefill can use the reference path) and
+    advances cache.pos, exactly as ByteLM.forward(byte.view(1, 1), cache, last_only=True) would.
+    """
+
+    def __init__(self, model: ByteLM, native: bool = True):
+        cfg = model.config
+        self.n_head, self.head_dim, self.block_size = cfg.n_head, cfg.head_dim, cfg.block_size
+        self.eps = cfg.norm_eps  # the RMSNorm modules' epsilon
+        # F.rms_norm without eps (the QK-norm in CausalSelfAttention) uses the dtype's machine epsilon.
+        p = model.embed.weight
+        self.qk_eps = torch.finfo(p.dtype).eps
+        with torch.no_grad():
+            self.embed = p.detach().clone()  # (V, C)
+            blocks = model.blocks
+            # Stacked over layers, so the C step takes one pointer per kind: (L, rows, cols) each.
+            self.w_qkv = torch.stack([b.attn.qkv.weight * b.norm1.weight for b in blocks])  # (L, 3C, C)
+            self.w_proj = torch.stack([b.attn.proj.weight for b in blocks])  # (L, C, C)
+            self.w_fc = torch.stack([b.mlp.fc.weight * b.norm2.weight for b in blocks])  # (L, F, C)
+            self.w_out = torch.stack([b.mlp.proj.weight for b in blocks])  # (L, C, F)
+            self.head = (model.head.weight * model.norm_f.weight).contiguous()  # (V, C), norm_f folded in
+            # Rotary for queries and keys together: rows (2, 1, D) per position; the query row carries the
+            # attention scale. x1' = x1 cos + x2 sin, x2' = x2 cos - x1 sin  ==  x * cos2 + roll(x) * sin2
+            # with cos2 = [cos, cos], sin2 = [sin, -sin] and roll(x) = [x2, x1].
+            cos = model.rope_cos[:, 0, 0]  # (T, D/2)
+            sin = model.rope_sin[:, 0, 0]
+            cos2 = torch.cat((cos, cos), -1)  # (T, D)
+            sin2 = torch.cat((sin, -sin), -1)
+            scale = torch.tensor([1.0 / math.sqrt(self.head_dim), 1.0], dtype=cos.dtype,
+                                 device=cos.device).view(1, 2, 1, 1)
+            self.cos = (cos2[:, None, None, :] * scale).contiguous()  # (T, 2, 1, D)
+            self.sin = (sin2[:, None, None, :] * scale).contiguous()
+        self.n_layer, self.n_embd, self.hidden = cfg.n_layer, cfg.n_embd, cfg.mlp_ratio * cfg.n_embd
+        # The C step (bytelm/native.py) where it applies: fp32 weights on the CPU and a compiler present.
+        self._kernel = None
+        if native and p.device.type == "cpu" and p.dtype == torch.float32:
+            lib = decode_kernel()
+            if lib is not None:
+                self._kernel = lib.bytelm_decode_step
+                self._scratch = torch.empty(5 * cfg.n_embd + max(self.hidden, cfg.block_size))
+                self._logits = torch.empty(cfg.vocab_size)
+                tensors = (self.embed, self.w_qkv, self.w_proj, self.w_fc, self.w_out, self.head,
+                           self.cos, self.sin)
+                self._pointers = [t.data_ptr() for t in tensors]
+
+    @property
+    def native(self) -> bool:
+        """True when steps run in the C kernel, False when they run as torch operations."""
+        return self._kernel is not None
+
+    def step(self, byte: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """byte: a 0-dim or 1-element int64 tensor. Returns logits (256,) in the weights' dtype."""
+        pos = cache.pos
+        if pos >= self.block_size or cache.k.size(1) != 1:
+            raise ValueError(f"FastDecoder.step needs a batch-1 cache with room (pos {pos}, "
+                             f"context {self.block_size})")
+        if self._kernel is not None and cache.k.dtype == torch.float32 and cache.k.is_contiguous() \
+                and cache.k.device.type == "cpu":
+            return self._step_native(int(byte), cache)
+        H, D = self.n_head, self.head_dim
+        end = pos + 1
+        cos, sin = self.cos[pos], self.sin[pos]  # (2, 1, D)
+        x = self.embed[byte.view(())]  # (C,)
+        for i, (w_qkv, w_proj, w_fc, w_out) in enumerate(zip(self.w_qkv, self.w_proj, self.w_fc, self.w_out)):
+            h = x * torch.rsqrt(x.square().mean().add_(self.eps))  # RMSNorm without its weight (folded)
+            qkv = torch.mv(w_qkv, h).view(3, H, D)
+            qk = qkv[:2]  # (2, H, D)
+            qk = qk * torch.rsqrt(qk.square().mean(-1, keepdim=True).add_(self.qk_eps))  # QK-norm
+            qk = torch.addcmul(qk * cos, qk.roll(D // 2, -1), sin)  # rotary; q also scaled by 1/sqrt(D)
+            k_layer, v_layer = cache.k[i, 0], cache.v[i, 0]  # (H, max_len, D)
+            k_layer[:, pos] = qk[1]
+            v_layer[:, pos] = qkv[2]
+            att = torch.bmm(k_layer[:, :end], qk[0].unsqueeze(-1)).softmax(1)  # (H, end, 1)
+            y = torch.bmm(att.transpose(1, 2), v_layer[:, :end])  # (H, 1, D)
+            x = torch.addmv(x, w_proj, y.view(-1))
+            h = x * torch.rsqrt(x.square().mean().add_(self.eps))
+            x = torch.addmv(x, w_out, torch.mv(w_fc, h).relu_().square_())  # ReLU^2 MLP
+        cache.pos = end
+        h = x * torch.rsqrt(x.square().mean().add_(self.eps))
+        return torch.mv(self.head, h)  # (V,)
+
+    def _step_native(self, byte: int, cache: KVCache) -> torch.Tensor:
+        status = self._kernel(self.n_layer, self.n_embd, self.n_head, self.hidden, self.head.size(0), cache.max_len,
+                              cache.pos, byte, self.eps, self.qk_eps, *self._pointers,
+                              cache.k.data_ptr(), cache.v.data_ptr(), self._scratch.data_ptr(),
+                              self._logits.data_ptr())
+        if status:
+            raise ValueError(f"C decode step refused position {cache.pos}, byte {byte}")
+        cache.pos += 1
+        return self._logits.clone()  # the buffer is reused by the next step

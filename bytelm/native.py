@@ -1,0 +1,101 @@
+"""The optional C decode step (bytelm/csrc/decode_step.c): compiled on first use, cached, loaded with ctypes.
+
+    lib = decode_kernel()     # a ctypes.CDLL, or None (no C compiler, BYTELM_NATIVE=0, or the build failed)
+    why = kernel_status()     # one line: "compiled ...", "loaded from cache ...", or why there is none
+
+Why C and ctypes rather than a torch C++ extension: the step needs no torch headers, so it builds in well
+under a second with the system compiler, and nothing is needed at install time. Everything degrades to
+the pure-torch step in bytelm/decode.py when there is no compiler.
+
+The library is built with -march=native for the machine it runs on; the cache key includes the source,
+the compiler's name and the CPU's feature flags, so a cache folder shared between machines stays correct.
+It is written to a temporary name and renamed, so concurrent first uses never load a half-written file.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("csrc") / "decode_step.c"
+_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-std=c11"]
+
+_lib: ctypes.CDLL | None = None
+_status = "not loaded yet"
+_tried = False
+
+
+def _cpu_key() -> str:
+    """The CPU feature flags (Linux), so a library built for one CPU is never loaded on another."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cache_dir() -> Path:
+    from .data import cache_root  # the same folder as the data cache ($BYTELM_CACHE, ~/.cache/bytelm)
+    return cache_root() / "native"
+
+
+def _compile(compiler: str, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=out.name, suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *_FLAGS, str(SOURCE), "-o", tmp, "-lm"], check=True,
+                       stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def decode_kernel() -> ctypes.CDLL | None:
+    """The loaded library, building it once per machine; None where it can't be had (see kernel_status)."""
+    global _lib, _status, _tried
+    if _tried:
+        return _lib
+    _tried = True
+    if os.environ.get("BYTELM_NATIVE", "1") == "0":
+        _status = "off (BYTELM_NATIVE=0)"
+        return None
+    compiler = next((c for c in (os.environ.get("CC"), "gcc", "cc", "clang") if c and shutil.which(c)), None)
+    if compiler is None:
+        _status = "no C compiler found (gcc, cc or clang): using the torch decode step"
+        return None
+    try:
+        source = SOURCE.read_bytes()
+        key = hashlib.sha256(source + compiler.encode() + " ".join(_FLAGS).encode()
+                             + _cpu_key().encode()).hexdigest()[:16]
+        path = _cache_dir() / f"decode_step-{key}.so"
+        fresh = not path.exists()
+        if fresh:
+            _compile(compiler, path)
+        lib = ctypes.CDLL(str(path))
+        fn = lib.bytelm_decode_step
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_int] * 8 + [ctypes.c_float] * 2 + [ctypes.c_void_p] * 12
+    except (OSError, subprocess.SubprocessError, AttributeError) as e:
+        detail = getattr(e, "stderr", b"") or b""
+        first = detail.decode(errors="replace").strip().splitlines()[:1]
+        _status = f"C decode step unavailable ({type(e).__name__}{': ' + first[0] if first else ''}): " \
+                  "using the torch decode step"
+        return None
+    _lib = lib
+    _status = f"{'compiled' if fresh else 'loaded from cache'}: {path}"
+    return _lib
+
+
+def kernel_status() -> str:
+    """One line saying whether the C step is in use, and if not, why."""
+    return _status

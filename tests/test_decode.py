@@ -1,0 +1,132 @@
+"""The fast one-byte decode step (bytelm/decode.py, and its C kernel bytelm/csrc/decode_step.c) against the
+reference ByteLM.forward: the same logits and the same cache contents, step after step; the generator's
+output unchanged by it; and a clear fallback to torch when the C step can't be built."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bytelm.config import ModelConfig
+from bytelm.decode import FastDecoder
+from bytelm.generation import ByteLevelGenerator
+from bytelm.model import ByteLM
+from bytelm.native import decode_kernel, kernel_status
+
+REPO = Path(__file__).resolve().parents[1]
+HAS_COMPILER = any(shutil.which(c) for c in ("gcc", "cc", "clang"))
+
+
+def perturbed_model(seed: int = 0, **shape) -> ByteLM:
+    """A small model whose norm weights are not all ones, so folding them into the matrices is exercised."""
+    torch.manual_seed(seed)
+    model = ByteLM(ModelConfig(**{**dict(n_layer=3, n_head=4, n_embd=48, block_size=40), **shape})).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def run_both(model: ByteLM, decoder: FastDecoder, prefill: int, steps: int, seed: int = 1):
+    """Prefill both caches with the reference, then feed the same bytes one at a time to each path.
+    Returns the largest logit difference and the two caches."""
+    g = torch.Generator().manual_seed(seed)
+    seq = torch.randint(0, 256, (1, prefill + steps), generator=g)
+    ref_cache, fast_cache = model.new_cache(), model.new_cache()
+    worst = 0.0
+    with torch.inference_mode():
+        model(seq[:, :prefill], cache=ref_cache)
+        model(seq[:, :prefill], cache=fast_cache)
+        for t in range(prefill, prefill + steps):
+            want = model(seq[:, t:t + 1], cache=ref_cache, last_only=True)[0].view(-1)
+            got = decoder.step(seq[0, t], fast_cache)
+            assert got.shape == (256,)
+            worst = max(worst, (want - got).abs().max().item())
+    return worst, ref_cache, fast_cache
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["torch", "C"])
+def test_fast_step_matches_reference_to_the_last_position(native):
+    model = perturbed_model()
+    decoder = FastDecoder(model, native=native)
+    if native and HAS_COMPILER:
+        assert decoder.native, kernel_status()  # a machine with a compiler must get the C step
+    worst, ref, fast = run_both(model, decoder, prefill=5, steps=35)  # fills the 40-byte context exactly
+    assert worst < 1e-4
+    assert ref.pos == fast.pos == 40
+    torch.testing.assert_close(fast.k, ref.k, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(fast.v, ref.v, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="room"):
+        decoder.step(torch.tensor(65), fast)  # the context is full: the caller must slide first
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["torch", "C"])
+def test_fast_step_other_shapes(native):
+    """Odd widths (rows not a multiple of 4, heads of size 2) and one layer, from the first position on."""
+    model = perturbed_model(seed=3, n_layer=1, n_head=5, n_embd=10, block_size=12, mlp_ratio=3)
+    worst, _, _ = run_both(model, FastDecoder(model, native=native), prefill=1, steps=11)
+    assert worst < 1e-4
+
+
+def test_generator_output_is_unchanged_by_the_fast_step():
+    """Greedy and sampled text, long enough to slide the window twice, is the same byte for byte."""
+    model = perturbed_model(block_size=32)
+    fast, ref = ByteLevelGenerator(model), ByteLevelGenerator(model, decode_step="reference")
+    for settings in (dict(temperature=0), dict(temperature=0.9, top_k=40, top_p=0.95, seed=7)):
+        settings = dict(settings, max_new_bytes=80, stop_at_separator=False)
+        assert fast.generate_bytes(b"Once upon a time", **settings) == \
+            ref.generate_bytes(b"Once upon a time", **settings)
+        assert fast.last_stats["slides"] >= 2
+    assert ref.last_stats["step"] == "reference"
+    assert fast.last_stats["step"] == ("C" if HAS_COMPILER else "torch")
+
+
+def test_weights_changed_between_generations_are_seen():
+    """The decoder copies the weights, so the generator builds it per generation, never stale."""
+    model = perturbed_model(block_size=32)
+    gen = ByteLevelGenerator(model)
+    before = gen.generate_bytes(b"abc", temperature=0, max_new_bytes=20, stop_at_separator=False)
+    with torch.no_grad():
+        model.head.weight.mul_(-1)  # tied with the embedding: changes every prediction
+    after = gen.generate_bytes(b"abc", temperature=0, max_new_bytes=20, stop_at_separator=False)
+    ref = ByteLevelGenerator(model, decode_step="reference")
+    assert after == ref.generate_bytes(b"abc", temperature=0, max_new_bytes=20, stop_at_separator=False)
+    assert after != before
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler on this machine")
+def test_kernel_is_built_once_and_cached(tmp_path):
+    assert decode_kernel() is not None, kernel_status()
+    code = ("from bytelm.native import decode_kernel, kernel_status; decode_kernel(); print(kernel_status())")
+    env = dict(os.environ, BYTELM_CACHE=str(tmp_path))
+    first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO)
+    second = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO)
+    assert first.stdout.startswith("compiled: "), first.stdout + first.stderr
+    assert second.stdout.startswith("loaded from cache: "), second.stdout + second.stderr
+    assert list((tmp_path / "native").glob("*.tmp")) == []  # no temporary left behind
+
+
+@pytest.mark.parametrize("env, expect", [
+    (dict(BYTELM_NATIVE="0"), "off (BYTELM_NATIVE=0)"),
+    (dict(CC="false"), "C decode step unavailable"),  # a "compiler" that fails
+], ids=["disabled", "compiler-fails"])
+def test_without_the_kernel_generation_falls_back_to_torch(tmp_path, env, expect):
+    code = ("import torch\n"
+            "from bytelm.config import ModelConfig\nfrom bytelm.model import ByteLM\n"
+            "from bytelm.generation import ByteLevelGenerator\nfrom bytelm.native import kernel_status\n"
+            "torch.manual_seed(0)\n"
+            "g = ByteLevelGenerator(ByteLM(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=16)))\n"
+            "out = g.generate_bytes(b'hi', temperature=0, max_new_bytes=30, stop_at_separator=False)\n"
+            "print(len(out), g.last_stats['step'], kernel_status(), sep='|')\n")
+    env = dict(os.environ, BYTELM_CACHE=str(tmp_path), **env)
+    if "CC" in env and not shutil.which(env["CC"]):
+        pytest.skip("no `false` program to stand in for a broken compiler")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    length, step, status = done.stdout.strip().split("|")
+    assert (length, step) == ("30", "torch")
+    assert status.startswith(expect)
+    assert "Traceback" not in done.stderr
