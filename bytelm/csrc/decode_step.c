@@ -49,6 +49,25 @@ static void rms_norm(const float *restrict x, float *restrict out, int n, float 
     for (int i = 0; i < n; i++) out[i] = x[i] * r;
 }
 
+/* e^x for the attention weights. libm's expf is a scalar call (one per head and cached position, which made
+ * it most of a late step); this form vectorizes: e^x = 2^n * e^r with n = round(x / ln 2), |r| <= ln(2)/2,
+ * e^r by a degree-7 polynomial (Cephes expf coefficients), 2^n built in the exponent bits. Relative error
+ * about 1e-7 for x in [-87, 0], the range used here (scores minus their maximum). */
+static inline float exp_nonpositive(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    float n = floorf(x * 1.44269504f + 0.5f);
+    float r = x - n * 0.693359375f + n * 2.12194440e-4f;  /* ln 2 in two parts, for accuracy */
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    union { int i; float f; } scale = { .i = ((int)n + 127) << 23 };
+    return p * scale.f;
+}
+
 /* QK-norm then rotary, in place on one head vector v (D): v * cos + roll(v, D/2) * sin */
 static void norm_rotate(float *restrict v, const float *restrict cos_row, const float *restrict sin_row,
                         int D, float eps, float *restrict tmp) {
@@ -86,20 +105,20 @@ int bytelm_decode_step(int n_layer, int C, int H, int F, int V, int max_len, int
             float *kc = k_cache + (((size_t)l * H + hd) * max_len) * D;  /* (max_len, D) */
             float *vc = v_cache + (((size_t)l * H + hd) * max_len) * D;
             for (int i = 0; i < D; i++) { kc[(size_t)pos * D + i] = k[i]; vc[(size_t)pos * D + i] = v[i]; }
-            float *att = hidden, top = -INFINITY, total = 0.0f;
-            for (int t = 0; t < end; t++) {  /* scores; q already carries 1/sqrt(D) */
-                float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-                for (int i = 0; i < D; i++) s += q[i] * kc[(size_t)t * D + i];
-                att[t] = s;
-                top = s > top ? s : top;
-            }
-            for (int t = 0; t < end; t++) { att[t] = expf(att[t] - top); total += att[t]; }
-            float *y = q;  /* q is no longer needed: the head's output goes in its place */
+            float *restrict att = hidden;  /* (end) scores, then weights; q already carries 1/sqrt(D) */
+            matvec(kc, q, att, end, D, 0);
+            float top = att[0], total = 0.0f;
+            for (int t = 1; t < end; t++) top = att[t] > top ? att[t] : top;
+#pragma omp simd reduction(+ : total)
+            for (int t = 0; t < end; t++) { att[t] = exp_nonpositive(att[t] - top); total += att[t]; }
+            float *restrict y = q;  /* q is no longer needed: the head's output goes in its place */
+            const float inv_total = 1.0f / total;
             for (int i = 0; i < D; i++) y[i] = 0.0f;
             for (int t = 0; t < end; t++) {
-                float p = att[t] / total;
-                for (int i = 0; i < D; i++) y[i] += p * vc[(size_t)t * D + i];
+                const float p = att[t] * inv_total;
+                const float *restrict vt = vc + (size_t)t * D;
+#pragma omp simd
+                for (int i = 0; i < D; i++) y[i] += p * vt[i];
             }
         }
         matvec(w_proj + (size_t)l * C * C, qkv, x, C, C, 1);  /* heads' outputs are qkv[0:C] */
