@@ -82,6 +82,28 @@ class CausalSelfAttention(nn.Module):
         return self.proj(y)
 
 
+class ReLUSquaredMLP(torch.autograd.Function):
+    """proj(relu(fc(x))^2) that keeps only x and fc(x) for the backward pass (see MLP for why).
+
+    x: (N, C); w_fc: (F, C); w_proj: (C, F). Returns (N, C).
+    """
+
+    @staticmethod
+    def forward(ctx, x, w_fc, w_proj):
+        h = x @ w_fc.t()  # (N, F)
+        a = F.relu(h).square_()  # (N, F)
+        ctx.save_for_backward(x, h, w_fc, w_proj)
+        return a @ w_proj.t()
+
+    @staticmethod
+    def backward(ctx, grad_out):  # grad_out: (N, C)
+        x, h, w_fc, w_proj = ctx.saved_tensors
+        relu_h = F.relu(h)  # recomputed: one cheap elementwise pass instead of two saved (N, F) tensors
+        grad_w_proj = grad_out.t() @ relu_h.square()  # (C, F)
+        grad_h = (grad_out @ w_proj).mul_(relu_h).mul_(2.0)  # d/dh relu(h)^2 = 2 relu(h)
+        return grad_h @ w_fc, grad_h.t() @ x, grad_w_proj
+
+
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -90,7 +112,13 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # ReLU^2 (Primer; modded-nanogpt): as good as GELU here and cheaper.
-        return self.proj(F.relu(self.fc(x)).square())
+        if torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type) \
+                and not torch.compiler.is_compiling():
+            # Training in eager mode: autograd would keep relu(h) and relu(h)^2, two (B, T, 4C) tensors per
+            # layer, the largest activations of the model; the custom backward keeps h alone (docs/training.md).
+            shape = x.shape
+            return ReLUSquaredMLP.apply(x.reshape(-1, shape[-1]), self.fc.weight, self.proj.weight).view(shape)
+        return self.proj(F.relu(self.fc(x)).square())  # the reference; what compile and autocast see
 
 
 class Block(nn.Module):

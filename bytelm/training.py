@@ -192,10 +192,11 @@ TRAIN_PRESETS: dict[str, dict] = {
     # The upstream recipe exactly: default 6x8x192 model, context 512. Hours on a CPU; minutes on a GPU.
     "seed": dict(batch_size=24, seq_len=512, block_size=512, steps=5000, muon_lr=0.01, adam_lr=0.001,
                  warmup=100, eval_every=250, eval_batches=20, save_every=250, time_budget=0.0),
-    # Tests and smoke runs: trains in seconds.
+    # Tests and smoke runs: trains in seconds, so compiling (tens of seconds) never pays, even for --steps 100000
+    # runs that are stopped early.
     "tiny": dict(**{k: v for k, v in MODEL_PRESETS["tiny"].items() if k != "block_size"}, seq_len=64,
                  batch_size=8, steps=60, warmup=5, eval_every=20, eval_batches=4, save_every=20,
-                 sample_bytes=32, time_budget=0.0),
+                 sample_bytes=32, time_budget=0.0, compile="off"),
 }
 
 

@@ -6,7 +6,7 @@ import torch
 
 from bytelm.config import ModelConfig
 from bytelm.errors import BytelmError
-from bytelm.model import ByteLM
+from bytelm.model import MLP, ByteLM, ReLUSquaredMLP
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=64)
 
@@ -83,3 +83,35 @@ def test_config_round_trips_through_a_plain_dict():
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(BytelmError, match="unknown fields"):
         ModelConfig.from_dict({**cfg.to_dict(), "evil": 1})
+
+
+def test_relu_squared_mlp_backward_is_exact():
+    """The memory-saving MLP's hand-written backward against numerical derivatives (float64)."""
+    torch.manual_seed(0)
+    x = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
+    w_fc = torch.randn(12, 6, dtype=torch.float64, requires_grad=True)
+    w_proj = torch.randn(6, 12, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(ReLUSquaredMLP.apply, (x, w_fc, w_proj))
+
+
+def test_training_mlp_matches_the_reference_and_saves_less():
+    """In training the MLP keeps its input and fc(x) only, not relu(h) and relu(h)^2; same loss, same grads."""
+    torch.manual_seed(0)
+    mlp = MLP(ModelConfig(**TINY))
+    x = torch.randn(3, 10, 32, requires_grad=True)
+    saved = []
+
+    def count(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+        out = mlp(x)
+    fast_grads = torch.autograd.grad(out.square().sum(), [x, *mlp.parameters()])
+    ref = mlp.proj(torch.relu(mlp.fc(x)).square())
+    ref_grads = torch.autograd.grad(ref.square().sum(), [x, *mlp.parameters()])
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(fast_grads, ref_grads):
+        torch.testing.assert_close(a, b)
+    hidden = 3 * 10 * 4 * 32
+    assert sum(n for n in saved if n == hidden) == hidden  # one (N, 4C) activation kept, not two or three

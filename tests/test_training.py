@@ -302,4 +302,4 @@ def test_auto_compile_is_off_for_short_runs(tmp_path, corpus_file, monkeypatch):
         raise AssertionError("torch.compile called for a short run")
 
     monkeypatch.setattr(torch, "compile", refuse)
-    train(tiny(tmp_path, corpus_file, steps=3, eval_every=3, sample_bytes=0), progress=False)
+    train(tiny(tmp_path, corpus_file, steps=3, eval_every=3, sample_bytes=0, compile="auto"), progress=False)
