@@ -22,6 +22,7 @@ import torch  # noqa: E402
 
 from common import markdown_table, peak_rss_mb, report  # noqa: E402
 from bytelm.config import ModelConfig  # noqa: E402
+from bytelm.decode import FastDecoder  # noqa: E402
 from bytelm.generation import ByteLevelGenerator, InferenceConfig  # noqa: E402
 from bytelm.model import ByteLM  # noqa: E402
 from bytelm.native import decode_kernel, kernel_status  # noqa: E402
@@ -84,6 +85,37 @@ def hf_gpt2(new_bytes, threads, cfg: ModelConfig) -> float | None:
     return new_bytes / (time.perf_counter() - t0)
 
 
+def step_costs(model, positions=(64, 256, 500), repeats=200) -> list[list]:
+    """Milliseconds per one-byte step at a few cache positions, for each way of running it, and of one
+    sample_next call with the benchmark's settings: where a generation's time goes."""
+    torch.set_num_threads(1)
+    cfg = InferenceConfig(temperature=0.8, top_k=50, top_p=0.9, repetition_penalty=1.0)
+    x = torch.tensor(65)
+    steps = {"C step": FastDecoder(model, native=True), "lean torch step": FastDecoder(model, native=False)}
+    rows = []
+    with torch.inference_mode():
+        cache = model.new_cache()
+        model(torch.randint(0, 256, (1, max(positions))), cache=cache)  # fill the cache with something real
+        for name, dec in [*steps.items(), ("ByteLM.forward step", None)]:
+            row = [name]
+            for pos in positions:
+                t0 = time.perf_counter()
+                for _ in range(repeats):
+                    cache.pos = pos
+                    if dec is None:
+                        model(x.view(1, 1), cache=cache, last_only=True)
+                    else:
+                        dec.step(x, cache)
+                row.append((time.perf_counter() - t0) / repeats * 1e3)
+            rows.append(row)
+        logits, g = torch.randn(256) * 3, torch.Generator().manual_seed(0)
+        t0 = time.perf_counter()
+        for _ in range(repeats * 5):
+            sample_next(logits, cfg, None, g)
+        rows.append(["sample_next (any position)", *[(time.perf_counter() - t0) / (repeats * 5) * 1e3] * len(positions)])
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--new-bytes", type=int, default=448)
@@ -106,6 +138,7 @@ def main() -> None:
     def median(fn, *a):
         return statistics.median(fn(*a) for _ in range(args.repeats))
 
+    costs = step_costs(model)
     rows = []
     steps = {"C step": "auto", "lean torch step": "torch", "ByteLM.forward step": "reference"}
     kv = {name: median(lambda: bytelm_kv(model, args.new_bytes, 1, step)[0]) for name, step in steps.items()}
@@ -123,6 +156,8 @@ def main() -> None:
     table += "\n\n" + markdown_table(
         ["bytelm past the window", "new bytes", "bytes/s", "time to first byte (ms)", "peak RSS (MB)"],
         [["KV cache, C step, sliding window", args.long_bytes, long_bps, long_ttfb * 1000, rss]])
+    table += "\n\n" + markdown_table(["ms per call, 1 thread", "cache position 64", "position 256",
+                                       "position 500"], costs)
     report("Generation speed", table,
            notes=f"Median of {args.repeats} runs per row; untrained default model "
                  f"({model.num_params():,} parameters), fp32, batch 1. C step: {kernel_status()} "
