@@ -9,7 +9,9 @@ the pure-torch step in bytelm/decode.py when there is no compiler.
 
 The library is built with -march=native for the machine it runs on; the cache key includes the source,
 the compiler's name and the CPU's feature flags, so a cache folder shared between machines stays correct.
-It is written to a temporary name and renamed, so concurrent first uses never load a half-written file.
+It is written to a temporary name and renamed, so concurrent first uses never load a half-written file, and a
+cached library is loaded only if this user owns it and no one else can write to it or its folder (loading
+a library runs its code, so a shared cache folder must not let another user plant one).
 """
 from __future__ import annotations
 
@@ -46,8 +48,16 @@ def _cache_dir() -> Path:
     return cache_root() / "native"
 
 
+def _private_dir(folder: Path) -> None:
+    """Create `folder` for this user alone (or tighten it if it is ours): _safe_to_load requires it."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = folder.stat()
+    if hasattr(os, "getuid") and st.st_uid == os.getuid() and st.st_mode & 0o022:
+        os.chmod(folder, 0o700)
+
+
 def _compile(compiler: str, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
+    _private_dir(out.parent)
     fd, tmp = tempfile.mkstemp(prefix=out.name, suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
@@ -58,6 +68,20 @@ def _compile(compiler: str, out: Path) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _safe_to_load(path: Path) -> str | None:
+    """Why a cached library must not be loaded (loading it runs its code), or None if it may be: it must be a
+    regular file owned by this user and writable by no one else, in a folder no one else can write to."""
+    if not hasattr(os, "getuid"):
+        return None  # no POSIX ownership to check (Windows)
+    for target in (path, path.parent):
+        st = target.lstat()
+        if st.st_uid != os.getuid():
+            return f"{target} belongs to another user"
+        if st.st_mode & 0o022:
+            return f"{target} is writable by other users"
+    return None if path.is_file() and not path.is_symlink() else f"{path} is not a regular file"
 
 
 def decode_kernel() -> ctypes.CDLL | None:
@@ -81,6 +105,10 @@ def decode_kernel() -> ctypes.CDLL | None:
         fresh = not path.exists()
         if fresh:
             _compile(compiler, path)
+        unsafe = _safe_to_load(path)
+        if unsafe:
+            _status = f"C decode step not loaded: {unsafe}: using the torch decode step"
+            return None
         lib = ctypes.CDLL(str(path))
         fn = lib.bytelm_decode_step
         fn.restype = ctypes.c_int

@@ -231,6 +231,22 @@ def plan_steps(cfg: TrainConfig, step: int, elapsed: float, per_step: float) -> 
     return min(cfg.steps, max(shortest, fit))
 
 
+def replan_steps(cfg: TrainConfig, step: int, elapsed: float, pace: float, asked: int) -> int:
+    """Refit the total steps to `pace`, the seconds per step measured since the last plan with evaluations,
+    saves and any slowdown of the machine included. Used at each evaluation before the cooldown starts, so
+    a run planned from its first steps still finishes its learning-rate decay when the machine slows down
+    later (or uses the time when it speeds up). `asked`: the --steps given, never exceeded."""
+    left = 0.97 * cfg.time_budget - elapsed
+    fit = step + int(left / pace)
+    shortest = math.ceil((step + 1) / (1 - cfg.cooldown)) if cfg.cooldown < 1 else step + 1
+    return min(asked, max(shortest, fit))
+
+
+def cooldown_started(step: int, total_steps: int, cooldown: float) -> bool:
+    """Whether lr_scale has begun its decay for the update after `step` (the plan is fixed from then on)."""
+    return total_steps - step <= int(round(cooldown * total_steps))
+
+
 @dataclass
 class RunPaths:
     best: Path
@@ -698,6 +714,7 @@ def _train(cfg: TrainConfig, d: Dist, progress: bool, command: str) -> dict:
     rate = None  # bytes/s, smoothed
     step_times: list[float] = []
     plan_at = PLAN_AT_STEP if cfg.time_budget > 0 and start_step == 0 and cfg.steps > 2 * PLAN_AT_STEP else 0
+    plan_mark = None  # (step, time) of the last plan: re-planning measures the pace from there
     try:
         with _StopRequest(say) as stop:
             while step < cfg.steps:
@@ -756,6 +773,7 @@ def _train(cfg: TrainConfig, d: Dist, progress: bool, command: str) -> dict:
                     if d.world_size > 1:  # plan for the slowest rank, and agree on it
                         per_step = _all_reduce_max(torch.tensor(per_step, device=device), d).item()
                     planned = plan_steps(cfg, step, time.perf_counter() - t_start, per_step)
+                    asked_steps, plan_mark = cfg.steps, (step, time.perf_counter())
                     if planned < cfg.steps:
                         say(f"time budget {cfg.time_budget:.0f} s: at {per_step:.2f} s per step here, the run is "
                             f"planned as {planned} steps instead of {cfg.steps}, so its learning-rate decay "
@@ -770,6 +788,20 @@ def _train(cfg: TrainConfig, d: Dist, progress: bool, command: str) -> dict:
                     last_eval_step = step
                 if step % cfg.save_every == 0 or step == cfg.steps or paused:
                     save_last()
+                if plan_mark and step > plan_mark[0] and step % cfg.eval_every == 0 and step < cfg.steps \
+                        and not cooldown_started(step, cfg.steps, cfg.cooldown):
+                    now = time.perf_counter()
+                    pace = (now - plan_mark[1]) / (step - plan_mark[0])  # since the last plan, evals included
+                    if d.world_size > 1:
+                        pace = _all_reduce_max(torch.tensor(pace, device=device), d).item()
+                    replanned = replan_steps(cfg, step, now - t_start, pace, asked_steps)
+                    plan_mark = (step, now)
+                    if abs(replanned - cfg.steps) > 0.01 * cfg.steps:
+                        say(f"time budget: {pace:.2f} s per step since the last plan, evaluations included; "
+                            f"re-planned as {replanned} steps instead of {cfg.steps}")
+                        cfg.steps = replanned
+                        bar.total = replanned
+                        bar.refresh()
                 if paused:
                     stop_reason = ("time_budget" if flags[3] > 0 else
                                    "interrupted" if flags[2] > 0 else "paused")

@@ -130,3 +130,19 @@ def test_without_the_kernel_generation_falls_back_to_torch(tmp_path, env, expect
     assert (length, step) == ("30", "torch")
     assert status.startswith(expect)
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.skipif(not HAS_COMPILER or not hasattr(os, "getuid"), reason="needs a C compiler and POSIX owners")
+def test_a_cached_library_others_can_write_is_never_loaded(tmp_path):
+    """Loading a library runs its code: one that another user could have replaced is refused, and generation
+    still works through the torch step."""
+    code = ("import torch\nfrom bytelm.native import decode_kernel, kernel_status\n"
+            "print(decode_kernel() is not None, kernel_status(), sep='|')\n")
+    env = dict(os.environ, BYTELM_CACHE=str(tmp_path))
+    first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO)
+    assert first.stdout.startswith("True|compiled"), first.stdout + first.stderr
+    (lib,) = (tmp_path / "native").glob("decode_step-*.so")
+    lib.chmod(0o777)
+    second = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO)
+    loaded, status = second.stdout.strip().split("|")
+    assert loaded == "False" and "writable by other users" in status, second.stdout + second.stderr

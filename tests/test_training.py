@@ -262,6 +262,36 @@ def test_a_time_budget_shortens_the_run_so_its_decay_finishes_in_time(tmp_path, 
         assert last_scale == pytest.approx(1 / decay_steps)  # the last step of the decay ran
 
 
+def test_a_run_that_slows_down_after_planning_still_finishes_its_decay(tmp_path, corpus_file, monkeypatch):
+    """Evaluations that turn slow after the plan (a busy machine, say) would cut the learning-rate decay short;
+    the run re-plans at each evaluation before its cooldown, so it ends "done", with the decay run to zero."""
+    real_evaluate = training.evaluate
+
+    def slow_evaluate(*args, **kwargs):
+        time.sleep(0.6)
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(training, "evaluate", slow_evaluate)
+    cfg = tiny(tmp_path, corpus_file, steps=100_000, eval_every=40, sample_bytes=0, time_budget=8.0)
+    summary = train(cfg, progress=False)
+    assert summary["stop_reason"] == "done", summary
+    assert summary["steps"] == summary["total_steps"] < 100_000
+    last_scale = [r["lr_scale"] for r in read_metrics(RunPaths.for_out(cfg.out).metrics) if "loss" in r][-1]
+    assert last_scale == pytest.approx(1 / round(cfg.cooldown * summary["total_steps"]))
+    saved = read_checkpoint(RunPaths.for_out(cfg.out).last)["train_state"]
+    assert saved["config"]["steps"] == summary["total_steps"]  # --resume continues the re-planned schedule
+
+
+def test_replanning_follows_the_measured_pace_and_never_moves_the_decay_into_the_past():
+    cfg = TrainConfig(steps=1000, time_budget=100.0, cooldown=0.4)
+    assert training.replan_steps(cfg, 200, 40.0, 0.1, asked=1000) == 200 + int((97 - 40) / 0.1)
+    assert training.replan_steps(cfg, 200, 40.0, 0.01, asked=1000) == 1000  # never more than --steps
+    assert training.replan_steps(cfg, 200, 96.0, 1.0, asked=1000) == 335  # flat through step 201
+    assert not training.cooldown_started(599, 1000, 0.4) and training.cooldown_started(600, 1000, 0.4)
+    assert training.lr_scale(599, 1000, 0, 0.4) == 1.0 and training.lr_scale(600, 1000, 0, 0.4) == 1.0
+    assert training.lr_scale(601, 1000, 0, 0.4) < 1.0
+
+
 def test_plan_steps_fits_steps_and_evaluations_into_the_budget():
     cfg = TrainConfig(steps=1000, time_budget=100.0, eval_every=100, eval_batches=9, cooldown=0.4)
     # 0.1 s per step; an eval costs (9/3 + 2) x 0.1 = 0.5 s; 10 s already spent; 97 - 10 = 87 s left.
