@@ -1,5 +1,5 @@
-"""Generation speed, side by side in one run: bytelm with its KV cache (each one-byte step in C, as lean torch
-operations, and through ByteLM.forward), bytelm recomputing the whole window for every byte (what the upstream
+"""Generation speed, side by side in one run: bytelm with its KV cache (each one-byte step in C with fp16 or
+fp32 weights, as lean torch operations, and through ByteLM.forward), bytelm recomputing the whole window for every byte (what the upstream
 code did), and HuggingFace transformers GPT2LMHeadModel.generate() of the same shape. Then bytelm alone past the window: 4,096 new bytes, time to first byte, peak RSS.
 
     python bench/bench_generation.py            # appends a table to docs/benchmarks.md
@@ -26,7 +26,7 @@ from bytelm.decode import FastDecoder  # noqa: E402
 from bytelm.generation import ByteLevelGenerator, InferenceConfig  # noqa: E402
 from bytelm.model import ByteLM  # noqa: E402
 from bytelm.native import decode_kernel, kernel_status  # noqa: E402
-from bytelm.sampling import sample_next  # noqa: E402
+from bytelm.sampling import CSampler, sample_next  # noqa: E402
 
 PROMPT = (b"The quick brown fox jumps over the lazy dog. Byte-level models read"[:64])
 
@@ -86,12 +86,14 @@ def hf_gpt2(new_bytes, threads, cfg: ModelConfig) -> float | None:
 
 
 def step_costs(model, positions=(64, 256, 500), repeats=200) -> list[list]:
-    """Milliseconds per one-byte step at a few cache positions, for each way of running it, and of one
-    sample_next call with the benchmark's settings: where a generation's time goes."""
+    """Milliseconds per one-byte step at a few cache positions, for each way of running it, and of choosing
+    a byte with the benchmark's settings (sample_next in torch, and the C sampler): where a generation's time
+    goes."""
     torch.set_num_threads(1)
     cfg = InferenceConfig(temperature=0.8, top_k=50, top_p=0.9, repetition_penalty=1.0)
     x = torch.tensor(65)
-    steps = {"C step": FastDecoder(model, native=True), "lean torch step": FastDecoder(model, native=False)}
+    steps = {"C step, fp16 weights": FastDecoder(model, half=True), "C step, fp32": FastDecoder(model),
+             "lean torch step": FastDecoder(model, native=False)}
     rows = []
     with torch.inference_mode():
         cache = model.new_cache()
@@ -112,7 +114,14 @@ def step_costs(model, positions=(64, 256, 500), repeats=200) -> list[list]:
         t0 = time.perf_counter()
         for _ in range(repeats * 5):
             sample_next(logits, cfg, None, g)
-        rows.append(["sample_next (any position)", *[(time.perf_counter() - t0) / (repeats * 5) * 1e3] * len(positions)])
+        rows.append(["sample_next, torch (any position)",
+                     *[(time.perf_counter() - t0) / (repeats * 5) * 1e3] * len(positions)])
+        sampler = CSampler.create(cfg)
+        if sampler is not None:
+            t0 = time.perf_counter()
+            for _ in range(repeats * 5):
+                sampler(logits, 0, 0, g)
+            rows.append(["C sampler (any position)", *[(time.perf_counter() - t0) / (repeats * 5) * 1e3] * len(positions)])
     return rows
 
 
@@ -140,7 +149,8 @@ def main() -> None:
 
     costs = step_costs(model)
     rows = []
-    steps = {"C step": "auto", "lean torch step": "torch", "ByteLM.forward step": "reference"}
+    steps = {"C step, fp16 weights (default)": "auto", "C step, fp32 (exact)": "exact",
+             "lean torch step": "torch", "ByteLM.forward step": "reference"}
     kv = {name: median(lambda: bytelm_kv(model, args.new_bytes, 1, step)[0]) for name, step in steps.items()}
     rec = median(bytelm_recompute, model, args.new_bytes, threads)
     hf = {t: (median(hf_gpt2, args.new_bytes, t, cfg) if hf_gpt2(4, t, cfg) else None) for t in sorted({1, threads})}
@@ -155,12 +165,13 @@ def main() -> None:
                             "x best HF"], rows)
     table += "\n\n" + markdown_table(
         ["bytelm past the window", "new bytes", "bytes/s", "time to first byte (ms)", "peak RSS (MB)"],
-        [["KV cache, C step, sliding window", args.long_bytes, long_bps, long_ttfb * 1000, rss]])
+        [["KV cache, default step, sliding window", args.long_bytes, long_bps, long_ttfb * 1000, rss]])
     table += "\n\n" + markdown_table(["ms per call, 1 thread", "cache position 64", "position 256",
                                        "position 500"], costs)
     report("Generation speed", table,
            notes=f"Median of {args.repeats} runs per row; untrained default model "
-                 f"({model.num_params():,} parameters), fp32, batch 1. C step: {kernel_status()} "
+                 f"({model.num_params():,} parameters), fp32 (the default C step reads fp16 copies of its "
+                 f"matrices), batch 1, C sampler where the C step runs. C library: {kernel_status()} "
                  f"({kernel_seconds:.2f} s).",
            write=not args.no_write)
 

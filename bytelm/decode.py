@@ -31,7 +31,7 @@ class FastDecoder:
     advances cache.pos, exactly as ByteLM.forward(byte.view(1, 1), cache, last_only=True) would.
     """
 
-    def __init__(self, model: ByteLM, native: bool = True):
+    def __init__(self, model: ByteLM, native: bool = True, half: bool = False):
         cfg = model.config
         self.n_head, self.head_dim, self.block_size = cfg.n_head, cfg.head_dim, cfg.block_size
         self.eps = cfg.norm_eps  # the RMSNorm modules' epsilon
@@ -61,14 +61,21 @@ class FastDecoder:
         self.n_layer, self.n_embd, self.hidden = cfg.n_layer, cfg.n_embd, cfg.mlp_ratio * cfg.n_embd
         # The C step (bytelm/native.py) where it applies: fp32 weights on the CPU and a compiler present.
         self._kernel = None
+        self.half = False
         if native and p.device.type == "cpu" and p.dtype == torch.float32:
             lib = decode_kernel()
             if lib is not None:
                 self._kernel = lib.bytelm_decode_step
                 self._scratch = torch.empty(5 * cfg.n_embd + max(self.hidden, cfg.block_size))
                 self._logits = torch.empty(cfg.vocab_size)
-                tensors = (self.embed, self.w_qkv, self.w_proj, self.w_fc, self.w_out, self.head,
-                           self.cos, self.sin)
+                matrices = [self.w_qkv, self.w_proj, self.w_fc, self.w_out, self.head]
+                # Half-precision copies of the matrices halve what each step reads (the step's bound); only
+                # where the build converts them in hardware (F16C) and every weight fits fp16's range.
+                if half and lib.bytelm_half_supported() and all(m.abs().max() < 60000 for m in matrices):
+                    matrices = [m.half() for m in matrices]  # round to nearest even, as F16C converts back
+                    self.half = True
+                self._matrices = matrices  # kept alive: the kernel reads them by address
+                tensors = (self.embed, *matrices, self.cos, self.sin)
                 self._pointers = [t.data_ptr() for t in tensors]
 
     @property
@@ -76,19 +83,20 @@ class FastDecoder:
         """True when steps run in the C kernel, False when they run as torch operations."""
         return self._kernel is not None
 
-    def step(self, byte: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """byte: a 0-dim or 1-element int64 tensor. Returns logits (256,) in the weights' dtype."""
+    def step(self, byte: torch.Tensor | int, cache: KVCache, copy: bool = True) -> torch.Tensor:
+        """byte: an int, or a 0-dim or 1-element int64 tensor. Returns logits (256,) in the weights' dtype.
+        copy=False may return a buffer the next step overwrites (the generator reads it at once)."""
         pos = cache.pos
         if pos >= self.block_size or cache.k.size(1) != 1:
             raise ValueError(f"FastDecoder.step needs a batch-1 cache with room (pos {pos}, "
                              f"context {self.block_size})")
         if self._kernel is not None and cache.k.dtype == torch.float32 and cache.k.is_contiguous() \
                 and cache.k.device.type == "cpu":
-            return self._step_native(int(byte), cache)
+            return self._step_native(int(byte), cache, copy)
         H, D = self.n_head, self.head_dim
         end = pos + 1
         cos, sin = self.cos[pos], self.sin[pos]  # (2, 1, D)
-        x = self.embed[byte.view(())]  # (C,)
+        x = self.embed[int(byte)]  # (C,)
         for i, (w_qkv, w_proj, w_fc, w_out) in enumerate(zip(self.w_qkv, self.w_proj, self.w_fc, self.w_out)):
             h = x * torch.rsqrt(x.square().mean().add_(self.eps))  # RMSNorm without its weight (folded)
             qkv = torch.mv(w_qkv, h).view(3, H, D)
@@ -107,12 +115,12 @@ class FastDecoder:
         h = x * torch.rsqrt(x.square().mean().add_(self.eps))
         return torch.mv(self.head, h)  # (V,)
 
-    def _step_native(self, byte: int, cache: KVCache) -> torch.Tensor:
+    def _step_native(self, byte: int, cache: KVCache, copy: bool) -> torch.Tensor:
         status = self._kernel(self.n_layer, self.n_embd, self.n_head, self.hidden, self.head.size(0), cache.max_len,
-                              cache.pos, byte, self.eps, self.qk_eps, *self._pointers,
+                              cache.pos, byte, int(self.half), self.eps, self.qk_eps, *self._pointers,
                               cache.k.data_ptr(), cache.v.data_ptr(), self._scratch.data_ptr(),
                               self._logits.data_ptr())
         if status:
             raise ValueError(f"C decode step refused position {cache.pos}, byte {byte}")
         cache.pos += 1
-        return self._logits.clone()  # the buffer is reused by the next step
+        return self._logits.clone() if copy else self._logits  # the buffer is reused by the next step

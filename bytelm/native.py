@@ -1,4 +1,5 @@
-"""The optional C decode step (bytelm/csrc/decode_step.c): compiled on first use, cached, loaded with ctypes.
+"""The optional C library: the decode step (bytelm/csrc/decode_step.c) and the sampler (bytelm/csrc/sample.c),
+compiled on first use, cached, loaded with ctypes.
 
     lib = decode_kernel()     # a ctypes.CDLL, or None (no C compiler, BYTELM_NATIVE=0, or the build failed)
     why = kernel_status()     # one line: "compiled ...", "loaded from cache ...", or why there is none
@@ -24,7 +25,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("csrc") / "decode_step.c"
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("decode_step.c", "sample.c")]
 _FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-std=c11"]
 
 _lib: ctypes.CDLL | None = None
@@ -61,7 +62,7 @@ def _compile(compiler: str, out: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=out.name, suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *_FLAGS, str(SOURCE), "-o", tmp, "-lm"], check=True,
+        subprocess.run([compiler, *_FLAGS, *map(str, SOURCES), "-o", tmp, "-lm"], check=True,
                        stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
         os.chmod(tmp, 0o755)
         os.replace(tmp, out)
@@ -98,7 +99,7 @@ def decode_kernel() -> ctypes.CDLL | None:
         _status = "no C compiler found (gcc, cc or clang): using the torch decode step"
         return None
     try:
-        source = SOURCE.read_bytes()
+        source = b"".join(path.read_bytes() for path in SOURCES)
         key = hashlib.sha256(source + compiler.encode() + " ".join(_FLAGS).encode()
                              + _cpu_key().encode()).hexdigest()[:16]
         path = _cache_dir() / f"decode_step-{key}.so"
@@ -112,7 +113,13 @@ def decode_kernel() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(path))
         fn = lib.bytelm_decode_step
         fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_int] * 8 + [ctypes.c_float] * 2 + [ctypes.c_void_p] * 12
+        fn.argtypes = [ctypes.c_int] * 9 + [ctypes.c_float] * 2 + [ctypes.c_void_p] * 12
+        lib.bytelm_half_supported.restype = ctypes.c_int
+        lib.bytelm_half_supported.argtypes = []
+        fn = lib.bytelm_sample
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_float,
+                       ctypes.c_int, ctypes.c_double, ctypes.c_double, ctypes.c_double]
     except (OSError, subprocess.SubprocessError, AttributeError) as e:
         detail = getattr(e, "stderr", b"") or b""
         first = detail.decode(errors="replace").strip().splitlines()[:1]

@@ -6,12 +6,14 @@
 
 Every function takes logits of shape (V,) or (B, V) (V = 256) and returns a new tensor; nothing is modified in
 place and nothing depends on hidden state, so each step can be tested alone. The order is HuggingFace's:
-repetition penalty, temperature, top-k, top-p, min-p, then one draw from the explicit `torch.Generator`.
+repetition penalty, temperature, top-k, top-p, min-p, then one draw from the explicit `torch.Generator`
+(one uniform per byte, inverse CDF: see draw; `CSampler` does the same in C for the generator's fast path).
 Temperature 0 means greedy (argmax after the repetition penalty, as HF applies processors before greedy).
 Filtered-out bytes get -inf, so they can never be drawn.
 """
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 import torch
@@ -101,4 +103,50 @@ def sample_next(logits: torch.Tensor, settings, recent: torch.Tensor | None = No
     if settings.temperature == 0:
         return apply_repetition_penalty(logits, recent, settings.repetition_penalty).argmax(dim=-1)
     probs = filter_logits(logits, settings, recent).softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    u = torch.rand(probs.shape[:-1] + (1,), generator=generator, dtype=torch.float64, device=probs.device)
+    return draw(probs, u).squeeze(-1)
+
+
+def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: for each row, the first byte whose cumulative probability exceeds u x the total.
+    probs: (V,) or (B, V), non-negative; u: (1,) or (B, 1) float64 uniforms in [0, 1). Returns (1,) or (B, 1).
+
+    One uniform per byte, drawn by the caller from its generator: the C sampler (bytelm/csrc/sample.c) draws
+    the same way from the same uniform, so a seed gives the same bytes on either path. A byte of probability 0
+    is never chosen: the cumulative sum (in double, as torch sums float) rises at the chosen byte.
+    """
+    cum = probs.double().cumsum(-1)  # (..., V)
+    total = cum[..., -1:]
+    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # u * total < total
+    return torch.searchsorted(cum, target, right=True)
+
+
+class CSampler:
+    """sample_next for one row of fp32 CPU logits, in C (bytelm/csrc/sample.c): the same filters and the same
+    draw from the same generator, without ~20 torch dispatches per byte. Built by CSampler.create, which
+    returns None where the C library is unavailable (callers then use sample_next).
+
+        sampler = CSampler.create(settings)
+        byte = sampler(logits, recent_address, n_recent, generator)   # recent: n_recent uint8 at that address
+    """
+
+    def __init__(self, fn, settings):
+        self._fn = fn
+        s = settings
+        self.greedy = s.temperature == 0
+        # The fixed arguments, converted to their C types once rather than per byte.
+        self._args = (ctypes.c_float(s.repetition_penalty), ctypes.c_float(s.temperature), ctypes.c_int(s.top_k),
+                      ctypes.c_double(s.top_p), ctypes.c_double(s.min_p))
+
+    @classmethod
+    def create(cls, settings) -> "CSampler | None":
+        from .native import decode_kernel
+        lib = decode_kernel()
+        return None if lib is None else cls(lib.bytelm_sample, settings)
+
+    def __call__(self, logits: torch.Tensor, recent_address: int, n_recent: int,
+                 generator: torch.Generator | None) -> int:
+        """logits: (V,) contiguous float32 on the CPU. Draws one uniform from `generator` unless greedy, exactly
+        as sample_next does, so the generator's state after each byte is the same on both paths."""
+        u = 0.0 if self.greedy else torch.rand((1,), generator=generator, dtype=torch.float64).item()
+        return self._fn(logits.data_ptr(), logits.numel(), recent_address, n_recent, *self._args, u)

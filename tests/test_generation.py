@@ -17,6 +17,7 @@ from bytelm.config import DOC_SEPARATOR, ModelConfig
 from bytelm.errors import BytelmError, run_cli
 from bytelm.generation import ByteLevelGenerator, InferenceConfig, decode_stream, demo_main, main
 from bytelm.model import ByteLM, KVCache
+from bytelm.native import decode_kernel
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden" / "greedy.txt"
@@ -78,7 +79,8 @@ class ScriptedModel(torch.nn.Module):
 def test_kv_cache_logits_match_full_recompute_before_and_after_slides():
     model = tiny_model()
     gen = ByteLevelGenerator(model, InferenceConfig(max_new_bytes=150, seed=3, stop_at_separator=False,
-                                                    temperature=1.0, top_k=256, top_p=1.0))
+                                                    temperature=1.0, top_k=256, top_p=1.0),
+                             decode_step="exact")  # fp32 steps: the default fp16 weights agree only to ~1e-3
     seen = []
     with one_thread():
         out = list(gen.stream_bytes("Hello, world", trace=lambda lg, ctx: seen.append((lg.clone(), ctx.clone()))))
@@ -264,6 +266,22 @@ def test_generate_command_prints_only_the_generation(tiny_checkpoint, capsys):
         max_new_bytes=25, temperature=0.9, top_k=40, top_p=0.95, seed=5, repetition_penalty=1.1,
         repeat_last_n=16, stop_at_separator=False), device="cpu")
     assert out == gen.generate("Hello") and err == ""
+
+
+def test_generate_command_exact_runs_the_fp32_step(tiny_checkpoint, capsys):
+    """--exact: the reference's arithmetic, so its text equals the reference generator's byte for byte."""
+    args = [str(tiny_checkpoint), "-p", "Hello", "-n", "40", "--temp", "0", "--ignore-eos", "-v"]
+    assert run_cli(main, [*args, "--exact"]) == 0
+    out, err = capsys.readouterr()
+    ref = ByteLevelGenerator(str(tiny_checkpoint), InferenceConfig(max_new_bytes=40, temperature=0,
+                                                                   stop_at_separator=False), decode_step="reference")
+    assert out == ref.generate("Hello")
+    exact_step = err.strip().rsplit("decode step ", 1)[1]
+    assert exact_step in ("C", "torch")  # torch where there is no C compiler
+    assert run_cli(main, args) == 0
+    default_step = capsys.readouterr().err.strip().rsplit("decode step ", 1)[1]
+    if exact_step == "C" and decode_kernel().bytelm_half_supported():
+        assert default_step == "C, fp16 weights"
 
 
 @pytest.mark.parametrize("args, message", [

@@ -1,5 +1,6 @@
 """Sampling filters on crafted logits: HF semantics for temperature, top-k, top-p, min-p and the windowed
-repetition penalty; greedy at temperature 0; the same generator seed gives the same draws."""
+repetition penalty; greedy at temperature 0; the same generator seed gives the same draws; the inverse-CDF
+draw; the C sampler choosing the same bytes as sample_next."""
 import math
 
 import pytest
@@ -7,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bytelm.sampling import (SamplingSettings, apply_repetition_penalty, apply_temperature, filter_logits,
-                             filter_min_p, filter_top_k, filter_top_p, sample_next)
+from bytelm.sampling import (CSampler, SamplingSettings, apply_repetition_penalty, apply_temperature, draw,
+                             filter_logits, filter_min_p, filter_top_k, filter_top_p, sample_next)
 
 # Probabilities 0.5, 0.3, 0.15, 0.05 as logits: boundaries for top-p / min-p are easy to reason about.
 PROBS = torch.tensor([0.3, 0.05, 0.5, 0.15])
@@ -162,3 +163,43 @@ def test_any_settings_keep_the_top_byte_and_give_a_valid_distribution(seed, k, p
     assert 1 <= len(kept(out)) <= k or (k == 256)
     probs = out.softmax(-1)
     assert torch.isfinite(probs).all() and abs(probs.sum().item() - 1) < 1e-4
+
+
+def test_draw_is_the_inverse_cdf_and_never_picks_a_zero_probability_byte():
+    probs = torch.tensor([0.0, 0.25, 0.0, 0.75, 0.0])
+    picks = [draw(probs, torch.tensor([u], dtype=torch.float64)).item()
+             for u in (0.0, 0.1, 0.2499, 0.25, 0.6, 1 - 2**-53)]
+    assert picks == [1, 1, 1, 3, 3, 3]  # the zero bytes (0, 2, 4: first, middle, last) are never chosen
+
+
+def test_sampled_bytes_follow_the_filtered_distribution():
+    """Inverse-CDF draws from the generator: frequencies match the probabilities after filtering."""
+    g = torch.Generator().manual_seed(0)
+    s = SamplingSettings(temperature=1.0, top_k=3)  # keeps 0.5, 0.3, 0.15 -> renormalised
+    draws = [sample_next(LOGITS, s, None, g).item() for _ in range(4000)]
+    for byte, p in ((2, 0.5 / 0.95), (0, 0.3 / 0.95), (3, 0.15 / 0.95)):
+        assert abs(draws.count(byte) / len(draws) - p) < 0.03
+    assert draws.count(1) == 0
+
+
+C_SAMPLER = CSampler.create(SamplingSettings())
+
+
+@pytest.mark.skipif(C_SAMPLER is None, reason="no C compiler: the C sampler is not built here")
+@settings(max_examples=300, deadline=None)
+@given(seed=st.integers(0, 2**16), k=st.sampled_from([1, 2, 5, 50, 200, 256]),
+       p=st.sampled_from([0.1, 0.5, 0.9, 0.95, 1.0]), min_p=st.sampled_from([0.0, 0.02, 0.1, 0.5]),
+       temperature=st.sampled_from([0.0, 0.3, 0.8, 1.0, 1.7]), penalty=st.sampled_from([1.0, 1.1, 1.8]),
+       n_recent=st.sampled_from([0, 1, 64]), scale=st.sampled_from([0.5, 3.0, 10.0]))
+def test_c_sampler_chooses_the_same_byte_as_sample_next(seed, k, p, min_p, temperature, penalty, n_recent, scale):
+    """The generator's C path (bytelm/csrc/sample.c) and sample_next agree byte for byte for one seed, and
+    leave the generator in the same state."""
+    logits = torch.randn(256, generator=torch.Generator().manual_seed(seed)) * scale
+    recent = torch.randint(0, 256, (n_recent,), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed + 1))
+    s = SamplingSettings(temperature=temperature, top_k=k, top_p=p, min_p=min_p, repetition_penalty=penalty)
+    g_torch, g_c = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+    for _ in range(3):
+        want = sample_next(logits, s, recent.long() if n_recent else None, g_torch).item()
+        got = CSampler.create(s)(logits, recent.data_ptr(), n_recent, g_c)
+        assert got == want
+    assert torch.equal(g_torch.get_state(), g_c.get_state())

@@ -7,6 +7,7 @@
  * Built and loaded by bytelm/native.py (gcc or cc, -O3 -march=native -fopenmp-simd); tests/test_decode.py
  * checks it against the reference. Layouts (all row-major, contiguous, float32):
  *   embed (V, C); w_qkv (L, 3C, C); w_proj (L, C, C); w_fc (L, F, C); w_out (L, C, F); head (V, C)
+ *   (the last five float, or IEEE half when `half` is set: see bytelm_half_supported)
  *   rope_cos, rope_sin (T, 2, D): per position, a row for queries (scaled by 1/sqrt(D)) and one for keys
  *   k_cache, v_cache (L, H, max_len, D): the KVCache tensors of batch 1
  *   scratch: at least 5C + max(F, max_len) floats; logits (V)
@@ -38,6 +39,54 @@ static void matvec(const float *restrict w, const float *restrict x, float *rest
         for (int c = 0; c < cols; c++) acc += row[c] * x[c];
         y[r] = accumulate ? y[r] + acc : acc;
     }
+}
+
+#if defined(__F16C__) && defined(__FMA__)
+#include <immintrin.h>
+#define HAVE_HALF 1
+
+static inline float sum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_hadd_ps(s, s);
+    return _mm_cvtss_f32(_mm_hadd_ps(s, s));
+}
+
+/* matvec with W stored as IEEE half precision (F16C converts 8 at a time to float; sums stay in float):
+ * half the bytes to read, and reading the weights is what bounds a step (docs/generation.md). */
+static void matvec_half(const unsigned short *restrict w, const float *restrict x, float *restrict y,
+                        int rows, int cols, int accumulate) {
+    const int vec_cols = cols & ~7;
+    for (int r = 0; r < rows; r += 4) {
+        const int n = rows - r < 4 ? rows - r : 4;
+        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (int c = 0; c < vec_cols; c += 8) {
+            const __m256 xv = _mm256_loadu_ps(x + c);
+            for (int j = 0; j < n; j++) {  /* unrolled by the compiler for n == 4 */
+                const __m128i half8 = _mm_loadu_si128((const __m128i *)(w + (size_t)(r + j) * cols + c));
+                acc[j] = _mm256_fmadd_ps(_mm256_cvtph_ps(half8), xv, acc[j]);
+            }
+        }
+        for (int j = 0; j < n; j++) {
+            float total = sum8(acc[j]);
+            for (int c = vec_cols; c < cols; c++) total += _cvtsh_ss(w[(size_t)(r + j) * cols + c]) * x[c];
+            y[r + j] = accumulate ? y[r + j] + total : total;
+        }
+    }
+}
+#else
+#define HAVE_HALF 0
+#endif
+
+/* Whether this build can take half-precision weights (x86 with F16C and FMA: bytelm_decode_step's `half`). */
+int bytelm_half_supported(void) { return HAVE_HALF; }
+
+/* The weight matrices are float, or half (unsigned short bits) when `half` is set; `offset` in elements. */
+static void weight_matvec(const void *w, size_t offset, int half, const float *restrict x, float *restrict y,
+                          int rows, int cols, int accumulate) {
+#if HAVE_HALF
+    if (half) { matvec_half((const unsigned short *)w + offset, x, y, rows, cols, accumulate); return; }
+#endif
+    matvec((const float *)w + offset, x, y, rows, cols, accumulate);
 }
 
 /* out = x / sqrt(mean(x^2) + eps), no weight (folded into the next matrix) */
@@ -79,12 +128,12 @@ static void norm_rotate(float *restrict v, const float *restrict cos_row, const 
     }
 }
 
-int bytelm_decode_step(int n_layer, int C, int H, int F, int V, int max_len, int pos, int byte,
+int bytelm_decode_step(int n_layer, int C, int H, int F, int V, int max_len, int pos, int byte, int half,
                        float eps, float qk_eps,
-                       const float *embed, const float *w_qkv, const float *w_proj, const float *w_fc,
-                       const float *w_out, const float *head, const float *rope_cos, const float *rope_sin,
+                       const float *embed, const void *w_qkv, const void *w_proj, const void *w_fc,
+                       const void *w_out, const void *head, const float *rope_cos, const float *rope_sin,
                        float *k_cache, float *v_cache, float *scratch, float *logits) {
-    if (pos < 0 || pos >= max_len || byte < 0 || byte >= V || C % H) return 1;
+    if (pos < 0 || pos >= max_len || byte < 0 || byte >= V || C % H || (half && !HAVE_HALF)) return 1;
     const int D = C / H, end = pos + 1;
     float *x = scratch;              /* (C) the residual stream */
     float *h = x + C;                /* (C) normalised input of a matrix */
@@ -97,7 +146,7 @@ int bytelm_decode_step(int n_layer, int C, int H, int F, int V, int max_len, int
     for (int l = 0; l < n_layer; l++) {
         /* attention */
         rms_norm(x, h, C, eps);
-        matvec(w_qkv + (size_t)l * 3 * C * C, h, qkv, 3 * C, C, 0);
+        weight_matvec(w_qkv, (size_t)l * 3 * C * C, half, h, qkv, 3 * C, C, 0);
         for (int hd = 0; hd < H; hd++) {
             float *q = qkv + hd * D, *k = qkv + C + hd * D, *v = qkv + 2 * C + hd * D;
             norm_rotate(q, cos_q, sin_q, D, qk_eps, h);
@@ -114,21 +163,32 @@ int bytelm_decode_step(int n_layer, int C, int H, int F, int V, int max_len, int
             float *restrict y = q;  /* q is no longer needed: the head's output goes in its place */
             const float inv_total = 1.0f / total;
             for (int i = 0; i < D; i++) y[i] = 0.0f;
-            for (int t = 0; t < end; t++) {
+            /* y += sum_t p_t v_t, four positions per pass over y: y lives in memory (D is not known here), and
+             * one load and store of it per position made this loop the slowest part of a late step. */
+            int t = 0;
+            for (; t + 4 <= end; t += 4) {
+                const float p0 = att[t] * inv_total, p1 = att[t + 1] * inv_total;
+                const float p2 = att[t + 2] * inv_total, p3 = att[t + 3] * inv_total;
+                const float *restrict v0 = vc + (size_t)t * D, *restrict v1 = v0 + D;
+                const float *restrict v2 = v1 + D, *restrict v3 = v2 + D;
+#pragma omp simd
+                for (int i = 0; i < D; i++) y[i] += (p0 * v0[i] + p1 * v1[i]) + (p2 * v2[i] + p3 * v3[i]);
+            }
+            for (; t < end; t++) {
                 const float p = att[t] * inv_total;
                 const float *restrict vt = vc + (size_t)t * D;
 #pragma omp simd
                 for (int i = 0; i < D; i++) y[i] += p * vt[i];
             }
         }
-        matvec(w_proj + (size_t)l * C * C, qkv, x, C, C, 1);  /* heads' outputs are qkv[0:C] */
+        weight_matvec(w_proj, (size_t)l * C * C, half, qkv, x, C, C, 1);  /* heads' outputs are qkv[0:C] */
         /* MLP: ReLU^2 */
         rms_norm(x, h, C, eps);
-        matvec(w_fc + (size_t)l * F * C, h, hidden, F, C, 0);
+        weight_matvec(w_fc, (size_t)l * F * C, half, h, hidden, F, C, 0);
         for (int i = 0; i < F; i++) { float r = hidden[i] > 0.0f ? hidden[i] : 0.0f; hidden[i] = r * r; }
-        matvec(w_out + (size_t)l * C * F, hidden, x, C, F, 1);
+        weight_matvec(w_out, (size_t)l * C * F, half, hidden, x, C, F, 1);
     }
     rms_norm(x, h, C, eps);
-    matvec(head, h, logits, V, C, 0);
+    weight_matvec(head, 0, half, h, logits, V, C, 0);
     return 0;
 }
