@@ -34,23 +34,27 @@ NS_STEPS = 5
 
 def newton_schulz(grad: torch.Tensor, coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
                   steps: int = NS_STEPS, eps: float = 1e-7, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Approximately orthogonalise a 2-D matrix (U S V^T -> U S' V^T, S' ~ 1), computing in `dtype`.
+    """Approximately orthogonalise a matrix (U S V^T -> U S' V^T, S' ~ 1), computing in `dtype`.
 
-    The same quintic iteration as torch.optim.Muon; with dtype=torch.bfloat16 it is bit-identical to it.
+    grad: (rows, cols), or a stack (n, rows, cols) of same-shape matrices, each orthogonalised on its own: one
+    batched product per iteration instead of n small ones. The same quintic iteration as torch.optim.Muon;
+    for one matrix with dtype=torch.bfloat16 it is bit-identical to it.
     """
-    if grad.ndim != 2:
-        raise ValueError("newton_schulz needs a 2-D matrix")
+    if grad.ndim not in (2, 3):
+        raise ValueError("newton_schulz needs a matrix or a stack of matrices")
     a, b, c = coefficients
     x = grad.to(dtype)
-    tall = grad.size(0) > grad.size(1)
+    tall = grad.size(-2) > grad.size(-1)
     if tall:  # iterate on the wide orientation: the Gram matrix x @ x.T is the smaller one
-        x = x.T
-    x = x.div(x.norm().clamp(min=eps))  # spectral norm <= Frobenius norm <= 1
+        x = x.mT
+    norm = x.norm() if x.ndim == 2 else x.norm(dim=(-2, -1), keepdim=True)
+    x = x.div(norm.clamp(min=eps))  # spectral norm <= Frobenius norm <= 1
+    fma = torch.addmm if x.ndim == 2 else torch.baddbmm  # out = beta * input + alpha * (m1 @ m2)
     for _ in range(steps):
-        gram = x @ x.T
-        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)  # b*G + c*G^2
-        x = torch.addmm(x, poly, x, beta=a)  # a*X + (b*G + c*G^2) X
-    return x.T if tall else x
+        gram = x @ x.mT
+        poly = fma(gram, gram, gram, beta=b, alpha=c)  # b*G + c*G^2
+        x = fma(x, poly, x, beta=a)  # a*X + (b*G + c*G^2) X
+    return x.mT if tall else x
 
 
 def muon_lr_scale(shape: torch.Size, adjust_lr_fn: str | None) -> float:
@@ -94,13 +98,23 @@ class Muon(torch.optim.Muon):
             bufs: list[torch.Tensor] = []
             self._init_group(group, params, grads, bufs)  # torch's: creates momentum buffers lazily
             lr, momentum, wd = float(group["lr"]), group["momentum"], group["weight_decay"]
+            # Matrices of one shape (e.g. every layer's qkv) are orthogonalised together, as one stack: at
+            # this model's sizes the iteration is many small products, and batching them saves dispatches.
+            by_shape: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
             for p, g, buf in zip(params, grads, bufs):
                 buf.lerp_(g, 1 - momentum)
                 update = g.lerp(buf, momentum) if group["nesterov"] else buf
-                update = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"],
-                                       self.ns_dtype)
-                p.mul_(1 - lr * wd)
-                p.add_(update.to(p.dtype), alpha=-lr * muon_lr_scale(p.shape, group["adjust_lr_fn"]))
+                by_shape.setdefault(tuple(p.shape), []).append((p, update))
+            for shape, pairs in by_shape.items():
+                updates = [u for _, u in pairs]
+                stacked = updates[0] if len(updates) == 1 else torch.stack(updates)
+                ortho = newton_schulz(stacked, group["ns_coefficients"], group["ns_steps"], group["eps"],
+                                      self.ns_dtype)
+                ortho = [ortho] if len(updates) == 1 else ortho.unbind(0)
+                scale = muon_lr_scale(torch.Size(shape), group["adjust_lr_fn"])
+                for (p, _), update in zip(pairs, ortho):
+                    p.mul_(1 - lr * wd)
+                    p.add_(update.to(p.dtype), alpha=-lr * scale)
         return loss
 
 

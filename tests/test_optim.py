@@ -127,3 +127,42 @@ def test_lr_schedule_warms_up_holds_then_decays_to_zero():
 
 def test_lr_schedule_without_warmup_or_cooldown_is_flat():
     assert {lr_scale(s, 50, 0, 0.0) for s in range(50)} == {1.0}
+
+
+def test_newton_schulz_of_a_stack_orthogonalises_each_matrix_alone():
+    """Muon's fp32 step orthogonalises same-shape matrices as one stack: the same as one at a time."""
+    gen = torch.Generator().manual_seed(3)
+    for shape in ((3, 40, 12), (4, 12, 40)):  # tall and wide
+        stack = torch.randn(*shape, generator=gen)
+        stack[1] *= 100  # each matrix is normalised by its own norm, not the stack's
+        together = newton_schulz(stack, dtype=torch.float32)
+        for i in range(shape[0]):
+            torch.testing.assert_close(together[i], newton_schulz(stack[i], dtype=torch.float32),
+                                       rtol=1e-5, atol=1e-5)
+
+
+def test_fp32_muon_step_with_same_shape_matrices_matches_one_at_a_time():
+    gen = torch.Generator().manual_seed(4)
+    weights = [torch.randn(24, 8, generator=gen) for _ in range(3)] + [torch.randn(8, 8, generator=gen)]
+    grads = [[torch.randn_like(w) for w in weights] for _ in range(3)]
+
+    def run():
+        params = [torch.nn.Parameter(w.clone()) for w in weights]
+        opt = Muon(params, lr=0.02, weight_decay=0.1, momentum=0.9, ns_dtype=torch.float32)
+        for gs in grads:
+            for p, g in zip(params, gs):
+                p.grad = g.clone()
+            opt.step()
+        return params
+
+    batched = run()  # the three 24x8 matrices go through newton_schulz as one stack
+    one_at_a_time = []
+    for w, gs in zip(weights, zip(*grads)):  # each matrix alone in its own optimizer: no stacking possible
+        p = torch.nn.Parameter(w.clone())
+        opt = Muon([p], lr=0.02, weight_decay=0.1, momentum=0.9, ns_dtype=torch.float32)
+        for g in gs:
+            p.grad = g.clone()
+            opt.step()
+        one_at_a_time.append(p)
+    for a, b in zip(batched, one_at_a_time):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
