@@ -231,15 +231,27 @@ def plan_steps(cfg: TrainConfig, step: int, elapsed: float, per_step: float) -> 
     return min(cfg.steps, max(shortest, fit))
 
 
-def replan_steps(cfg: TrainConfig, step: int, elapsed: float, pace: float, asked: int) -> int:
-    """Refit the total steps to `pace`, the seconds per step measured since the last plan with evaluations,
-    saves and any slowdown of the machine included. Used at each evaluation before the cooldown starts, so
-    a run planned from its first steps still finishes its learning-rate decay when the machine slows down
-    later (or uses the time when it speeds up). `asked`: the --steps given, never exceeded."""
-    left = 0.97 * cfg.time_budget - elapsed
-    fit = step + int(left / pace)
-    shortest = math.ceil((step + 1) / (1 - cfg.cooldown)) if cfg.cooldown < 1 else step + 1
-    return min(asked, max(shortest, fit))
+def replan_steps(cfg: TrainConfig, step: int, elapsed: float, pace: float, asked: int) -> tuple[int, float]:
+    """Refit the run to `pace`, the seconds per step measured since the last plan with evaluations, saves and
+    any slowdown of the machine included, so that the learning-rate decay ends as the budget does, whether the
+    machine slowed down or sped up since the last plan. Used at each evaluation. `asked`: the --steps given,
+    never exceeded. 3% of the time left is kept as margin. Returns (total steps, cooldown share).
+
+    Before the decay the cooldown share is kept: the new plan is exactly a run planned with that many steps.
+    Once the decay has begun, the cooldown share is refitted with the steps so that the decay goes on from
+    the current learning rate, with no jump, and reaches zero at the new last step; both are saved, so
+    `--resume` follows the same curve.
+    """
+    fit = step + int(0.97 * (cfg.time_budget - elapsed) / pace)
+    if not cooldown_started(step, cfg.steps, cfg.cooldown):
+        shortest = math.ceil((step + 1) / (1 - cfg.cooldown)) if cfg.cooldown < 1 else step + 1
+        return min(asked, max(shortest, fit)), cfg.cooldown
+    rate = lr_scale(step, cfg.steps, cfg.warmup, cfg.cooldown)  # of the next update; > 0 as step < steps
+    longest = int(step / (1 - rate)) if rate < 1 else asked  # more would need a decay longer than the run
+    total = min(asked, longest, max(step + 1, fit))
+    # Rounded up, so the rate goes on at or just below where it was (lr_scale(step, total, ., decay / total)).
+    decay = min(total, max(1, math.ceil((total - step) / rate - 1e-9)))
+    return total, decay / total
 
 
 def cooldown_started(step: int, total_steps: int, cooldown: float) -> bool:
@@ -788,18 +800,17 @@ def _train(cfg: TrainConfig, d: Dist, progress: bool, command: str) -> dict:
                     last_eval_step = step
                 if step % cfg.save_every == 0 or step == cfg.steps or paused:
                     save_last()
-                if plan_mark and step > plan_mark[0] and step % cfg.eval_every == 0 and step < cfg.steps \
-                        and not cooldown_started(step, cfg.steps, cfg.cooldown):
+                if plan_mark and step > plan_mark[0] and step % cfg.eval_every == 0 and step < cfg.steps:
                     now = time.perf_counter()
                     pace = (now - plan_mark[1]) / (step - plan_mark[0])  # since the last plan, evals included
                     if d.world_size > 1:
                         pace = _all_reduce_max(torch.tensor(pace, device=device), d).item()
-                    replanned = replan_steps(cfg, step, now - t_start, pace, asked_steps)
+                    replanned, cooldown = replan_steps(cfg, step, now - t_start, pace, asked_steps)
                     plan_mark = (step, now)
                     if abs(replanned - cfg.steps) > 0.01 * cfg.steps:
                         say(f"time budget: {pace:.2f} s per step since the last plan, evaluations included; "
                             f"re-planned as {replanned} steps instead of {cfg.steps}")
-                        cfg.steps = replanned
+                        cfg.steps, cfg.cooldown = replanned, cooldown
                         bar.total = replanned
                         bar.refresh()
                 if paused:

@@ -258,7 +258,7 @@ def test_a_time_budget_shortens_the_run_so_its_decay_finishes_in_time(tmp_path, 
     if summary["stop_reason"] == "done":  # unless the shared machine slowed down after planning
         assert summary["steps"] == summary["total_steps"]
         last_scale = [r["lr_scale"] for r in read_metrics(RunPaths.for_out(cfg.out).metrics) if "loss" in r][-1]
-        decay_steps = round(cfg.cooldown * summary["total_steps"])
+        decay_steps = round(saved["config"]["cooldown"] * summary["total_steps"])  # as re-planned
         assert last_scale == pytest.approx(1 / decay_steps)  # the last step of the decay ran
 
 
@@ -276,20 +276,40 @@ def test_a_run_that_slows_down_after_planning_still_finishes_its_decay(tmp_path,
     summary = train(cfg, progress=False)
     assert summary["stop_reason"] == "done", summary
     assert summary["steps"] == summary["total_steps"] < 100_000
-    last_scale = [r["lr_scale"] for r in read_metrics(RunPaths.for_out(cfg.out).metrics) if "loss" in r][-1]
-    assert last_scale == pytest.approx(1 / round(cfg.cooldown * summary["total_steps"]))
+    scales = [r["lr_scale"] for r in read_metrics(RunPaths.for_out(cfg.out).metrics) if "loss" in r]
     saved = read_checkpoint(RunPaths.for_out(cfg.out).last)["train_state"]
     assert saved["config"]["steps"] == summary["total_steps"]  # --resume continues the re-planned schedule
+    assert scales[-1] == pytest.approx(1 / round(saved["config"]["cooldown"] * summary["total_steps"]))
+    peak = scales.index(1.0)
+    assert all(b <= a + 1e-9 for a, b in zip(scales[peak:], scales[peak + 1:]))  # flat, then only down
 
 
 def test_replanning_follows_the_measured_pace_and_never_moves_the_decay_into_the_past():
     cfg = TrainConfig(steps=1000, time_budget=100.0, cooldown=0.4)
-    assert training.replan_steps(cfg, 200, 40.0, 0.1, asked=1000) == 200 + int((97 - 40) / 0.1)
-    assert training.replan_steps(cfg, 200, 40.0, 0.01, asked=1000) == 1000  # never more than --steps
-    assert training.replan_steps(cfg, 200, 96.0, 1.0, asked=1000) == 335  # flat through step 201
+    assert training.replan_steps(cfg, 200, 40.0, 0.1, asked=1000) == (200 + int(0.97 * 60 / 0.1), 0.4)
+    assert training.replan_steps(cfg, 200, 40.0, 0.01, asked=1000) == (1000, 0.4)  # never more than --steps
+    assert training.replan_steps(cfg, 200, 96.0, 1.0, asked=1000) == (335, 0.4)  # flat through step 201
     assert not training.cooldown_started(599, 1000, 0.4) and training.cooldown_started(600, 1000, 0.4)
     assert training.lr_scale(599, 1000, 0, 0.4) == 1.0 and training.lr_scale(600, 1000, 0, 0.4) == 1.0
     assert training.lr_scale(601, 1000, 0, 0.4) < 1.0
+
+
+@pytest.mark.parametrize("pace", [0.01, 0.05, 0.1, 0.5, 5.0])
+@pytest.mark.parametrize("step", [700, 900, 990])
+def test_replanning_in_the_decay_goes_on_from_the_current_rate_and_ends_at_zero(step, pace):
+    """A machine that speeds up or slows down after the decay began: the plan still ends at the budget, and
+    the learning rate neither jumps nor stops above zero."""
+    cfg = TrainConfig(steps=1000, time_budget=100.0, cooldown=0.4, warmup=10)
+    total, cooldown = training.replan_steps(cfg, step, 60.0, pace, asked=5000)
+    assert step < total <= 5000 and 0 < cooldown <= 1
+    assert total <= step + max(1, int(0.97 * 40 / pace))  # fits in what is left of the budget
+    before = training.lr_scale(step, 1000, 10, 0.4)
+    after = training.lr_scale(step, total, 10, cooldown)
+    decay_steps = round(cooldown * total)
+    assert before * (1 - 1 / decay_steps) - 1e-9 <= after <= before + 1e-9  # no jump, bar whole steps
+    rates = [training.lr_scale(s, total, 10, cooldown) for s in range(step, total + 1)]
+    assert all(a >= b for a, b in zip(rates, rates[1:]))  # still decaying
+    assert rates[-2] > 0 and rates[-1] == 0.0  # the last update is the decay's last
 
 
 def test_plan_steps_fits_steps_and_evaluations_into_the_budget():
