@@ -215,6 +215,11 @@ def lr_scale(step: int, total_steps: int, warmup: int, cooldown: float) -> float
     return max(scale, 0.0)
 
 
+def _shortest_total(step: int, cooldown: float) -> int:
+    """The fewest total steps whose decay has not begun before the update after `step` (lr_scale flat there)."""
+    return math.ceil((step + 1) / (1 - cooldown)) if cooldown < 1 else step + 1
+
+
 def plan_steps(cfg: TrainConfig, step: int, elapsed: float, per_step: float) -> int:
     """The most total steps (at most cfg.steps) that fit in what is left of cfg.time_budget.
 
@@ -227,7 +232,7 @@ def plan_steps(cfg: TrainConfig, step: int, elapsed: float, per_step: float) -> 
     per_step_all_in = per_step + eval_cost / cfg.eval_every
     fit = step + int((left - eval_cost) / per_step_all_in)
     # Never so short that the cooldown would have begun before `step` (the hard budget stop still holds).
-    shortest = math.ceil((step + 1) / (1 - cfg.cooldown)) if cfg.cooldown < 1 else step + 1
+    shortest = _shortest_total(step, cfg.cooldown)
     return min(cfg.steps, max(shortest, fit))
 
 
@@ -244,7 +249,7 @@ def replan_steps(cfg: TrainConfig, step: int, elapsed: float, pace: float, asked
     """
     fit = step + int(0.97 * (cfg.time_budget - elapsed) / pace)
     if not cooldown_started(step, cfg.steps, cfg.cooldown):
-        shortest = math.ceil((step + 1) / (1 - cfg.cooldown)) if cfg.cooldown < 1 else step + 1
+        shortest = _shortest_total(step, cfg.cooldown)
         return min(asked, max(shortest, fit)), cfg.cooldown
     rate = lr_scale(step, cfg.steps, cfg.warmup, cfg.cooldown)  # of the next update; > 0 as step < steps
     longest = int(step / (1 - rate)) if rate < 1 else asked  # more would need a decay longer than the run
