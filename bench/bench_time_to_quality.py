@@ -46,7 +46,8 @@ def main() -> None:
 
     out = Path(tempfile.mkdtemp(prefix="bytelm-ttq-")) / "model.pt"
     cfg = TrainConfig(**{**dict(data=args.data, val_fraction=0.1, out=str(out), steps=100_000, plot=False,
-                                sample_bytes=0, eval_every=200, time_budget=args.budget - FINAL_EVAL_RESERVE),
+                                sample_bytes=0, eval_every=200, save_every=200,  # resume state at evaluations only
+                                time_budget=args.budget - FINAL_EVAL_RESERVE),
                          **overrides})
     t0 = time.perf_counter()
     summary = train(cfg, progress=False, command="bench/bench_time_to_quality.py")
