@@ -24,9 +24,15 @@ from common import SHAKESPEARE, markdown_table, report  # noqa: E402
 from bytelm.checkpoint import load_model  # noqa: E402
 from bytelm.data import eval_batches, load_corpus  # noqa: E402
 from bytelm.metrics import bits_per_byte  # noqa: E402
+from bytelm.model import ByteLM  # noqa: E402
 from bytelm.training import TrainConfig, evaluate, train  # noqa: E402
 
-FINAL_EVAL_RESERVE = 15.0  # seconds kept for the final evaluation: measured 2 s to load + 5 s (4x4x128) to 11 s (6x8x192)
+
+
+def final_eval_reserve(n_params: int) -> float:
+    """Seconds kept for loading the best checkpoint and evaluating the whole split: the evaluation grows with
+    the model. Measured in all: 7 s at 4x4x128 (0.8M parameters, 2026-11-29), 13 s at 6x8x192 (2.7M)."""
+    return 4.0 + 7.0 * n_params / 1e6
 
 
 def main() -> None:
@@ -45,9 +51,11 @@ def main() -> None:
         overrides[k] = (v.lower() in ("1", "true", "yes")) if t is bool else t(v)
 
     out = Path(tempfile.mkdtemp(prefix="bytelm-ttq-")) / "model.pt"
+    cfg = TrainConfig(**{**dict(data=args.data), **overrides})  # just the model shape, for the reserve
+    reserve = final_eval_reserve(ByteLM(cfg.model_config()).num_params())
     cfg = TrainConfig(**{**dict(data=args.data, val_fraction=0.1, out=str(out), steps=100_000, plot=False,
                                 sample_bytes=0, eval_every=200, save_every=200,  # resume state at evaluations only
-                                time_budget=args.budget - FINAL_EVAL_RESERVE),
+                                time_budget=args.budget - reserve),
                          **overrides})
     t0 = time.perf_counter()
     summary = train(cfg, progress=False, command="bench/bench_time_to_quality.py")
@@ -56,8 +64,10 @@ def main() -> None:
     batches = eval_batches(corpus.val, cfg.batch_size, cfg.seq_len)  # the whole split
     bpb = bits_per_byte(evaluate(model, batches, torch.device("cpu"), "fp32"))
     wall = time.perf_counter() - t0
-    rows = [[f"bytelm {cfg.n_layer}x{cfg.n_head}x{cfg.n_embd}, batch {cfg.batch_size} x {cfg.seq_len}, "
-             f"compile {cfg.compile}", model.num_params(), summary["steps"], wall, bpb, "2.208", "<= 2.10"]]
+    rows = [[f"bytelm {cfg.n_layer}x{cfg.n_head}x{cfg.n_embd}, batch {cfg.batch_size} x {cfg.seq_len}"
+             + (f" ({cfg.short_seq_share:.0%} of steps at {cfg.batch_size * cfg.seq_len // cfg.short_seq_len} x "
+                f"{cfg.short_seq_len})" if cfg.short_seq_len else "")
+             + f", compile {cfg.compile}", model.num_params(), summary["steps"], wall, bpb, "2.208", "<= 2.10"]]
     table = markdown_table(["run", "parameters", "steps", "wall s (train + evals)",
                             "val bpb, whole split (best ckpt)", "nanoGPT anchor", "target"], rows)
     notes = (f"Train/val: first 90% / last 10% of {Path(args.data).name} ({len(corpus.train):,} / "

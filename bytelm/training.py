@@ -91,6 +91,10 @@ class TrainConfig:
     batch_size: int = _arg(16, "sequences per step on EACH process (global batch = this x processes)",
                            "run")  # 2 KiB per step: many cheap steps beat few big ones in 15 CPU minutes
     seq_len: int = _arg(128, "bytes per training sequence", "run")  # 4x cheaper than 512; still ~20 words
+    short_seq_len: int = _arg(0, "train the first --short-seq-share of the steps on shorter windows, this long (a "
+                              "divisor of --seq-len), cutting each sequence into pieces (0: off)",
+                              "run")  # early on the model uses little context; short windows make those steps cheaper
+    short_seq_share: float = _arg(0.5, "share of the steps trained on --short-seq-len windows", "run")  # see above
     time_budget: float = _arg(720.0, "seconds this process may train: the run's length is fitted to it after "
                               f"{PLAN_AT_STEP} timed steps, and it stops (evaluating, saving) when it runs out "
                               "(0: no limit)", "run")  # the default run ends in ~12 min even on a busy machine
@@ -167,6 +171,10 @@ class TrainConfig:
                 bad(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if not 0 <= self.cooldown <= 1:
             bad(f"cooldown must be a fraction in [0, 1], got {self.cooldown}")
+        if not 0 <= self.short_seq_share <= 1:
+            bad(f"short-seq-share must be a fraction in [0, 1], got {self.short_seq_share}")
+        if self.short_seq_len and (self.short_seq_len >= self.seq_len or self.seq_len % self.short_seq_len):
+            bad(f"short-seq-len ({self.short_seq_len}) must be a divisor of seq-len ({self.seq_len}) smaller than it")
         if not 0 <= self.val_fraction < 1:
             bad(f"val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.dtype not in ("auto", "fp32", "bf16"):
@@ -257,6 +265,11 @@ def replan_steps(cfg: TrainConfig, step: int, elapsed: float, pace: float, asked
     # Rounded up, so the rate goes on at or just below where it was (lr_scale(step, total, ., decay / total)).
     decay = min(total, max(1, math.ceil((total - step) / rate - 1e-9)))
     return total, decay / total
+
+
+def in_short_phase(step: int, total_steps: int, cfg: TrainConfig) -> bool:
+    """Whether the update after `step` trains on --short-seq-len windows (the first --short-seq-share of steps)."""
+    return cfg.short_seq_len > 0 and step < round(cfg.short_seq_share * total_steps)
 
 
 def cooldown_started(step: int, total_steps: int, cooldown: float) -> bool:
@@ -640,7 +653,8 @@ def _train(cfg: TrainConfig, d: Dist, progress: bool, command: str) -> dict:
     # The compiled module shares its parameters with `model`; evaluation, sampling and saving use `model`.
     use_compile = cfg.compile == "on" or (cfg.compile == "auto" and d.world_size == 1
                                           and cfg.steps - step >= COMPILE_MIN_STEPS)
-    forward = torch.compile(ddp_model) if use_compile else ddp_model
+    # dynamic=False: the short-window phase gets its own static graph rather than a slower dynamic-shape one.
+    forward = torch.compile(ddp_model, dynamic=False) if use_compile else ddp_model
 
     log = _RunLog(paths.metrics, enabled=d.main)
     if d.main:
@@ -713,6 +727,8 @@ def _train(cfg: TrainConfig, d: Dist, progress: bool, command: str) -> dict:
             + (f" ({torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''})"
                if device.type == "cpu" else "")
             + f" | batch {cfg.batch_size} x {cfg.seq_len}"
+            + (f" ({cfg.batch_size * cfg.seq_len // cfg.short_seq_len} x {cfg.short_seq_len} for the first "
+               f"{cfg.short_seq_share:.0%} of steps)" if cfg.short_seq_len else "")
             + (f" x {d.world_size} processes" if d.world_size > 1 else "")
             + f" | {'resuming at step ' + str(step) + ' of ' if cfg.resume else ''}{cfg.steps} steps")
 
@@ -742,6 +758,10 @@ def _train(cfg: TrainConfig, d: Dist, progress: bool, command: str) -> dict:
                         group["lr"] = base * scale
                 x, y = sampler.next_batch()
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                if in_short_phase(step, cfg.steps, cfg):
+                    # The same bytes as more, shorter windows: (B, T) -> (B * T / t, t). Context is what the
+                    # model learns to use last; positions t..T-1 are trained in the rest of the run.
+                    x, y = x.view(-1, cfg.short_seq_len), y.view(-1, cfg.short_seq_len)
                 try:
                     with autocast(device, dtype):
                         _, loss = forward(x, y)

@@ -76,14 +76,16 @@ def test_tiny_model_lowers_its_validation_loss(tmp_path, corpus_file):
     assert summary["bytes_per_s"] > 0 and summary["seconds"] > 0
 
 
-def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path, corpus_file):
-    straight = tiny(tmp_path / "a", corpus_file, steps=24, eval_every=6, save_every=6)
+@pytest.mark.parametrize("schedule", [{}, dict(short_seq_len=16, short_seq_share=0.75)], ids=["plain", "short"])
+def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path, corpus_file, schedule):
+    straight = tiny(tmp_path / "a", corpus_file, steps=24, eval_every=6, save_every=6, **schedule)
     train(straight, progress=False)
 
-    first = tiny(tmp_path / "b", corpus_file, steps=24, eval_every=6, save_every=5, stop_at=12)
+    # The short-window phase (steps 0..17) spans the pause at step 12.
+    first = tiny(tmp_path / "b", corpus_file, steps=24, eval_every=6, save_every=5, stop_at=12, **schedule)
     assert train(first, progress=False)["stop_reason"] == "paused"
     assert read_checkpoint(RunPaths.for_out(first.out).last)["train_state"]["step"] == 12
-    second = tiny(tmp_path / "b", corpus_file, steps=24, eval_every=6, save_every=5, resume=True)
+    second = tiny(tmp_path / "b", corpus_file, steps=24, eval_every=6, save_every=5, resume=True, **schedule)
     summary = train(second, progress=False)
     assert summary["start_step"] == 12 and summary["steps"] == 24
 
@@ -233,10 +235,37 @@ def test_presets_and_flags_combine_with_flags_winning():
 
 
 @pytest.mark.parametrize("bad", [dict(steps=0), dict(dtype="fp8"), dict(seq_len=128, block_size=64),
-                                 dict(muon_lr=-1.0), dict(n_embd=30), dict(cooldown=2.0)])
+                                 dict(muon_lr=-1.0), dict(n_embd=30), dict(cooldown=2.0),
+                                 dict(seq_len=128, short_seq_len=48), dict(seq_len=128, short_seq_len=128),
+                                 dict(short_seq_len=32, short_seq_share=1.5)])
 def test_bad_settings_are_user_errors(bad):
     with pytest.raises(BytelmError):
         TrainConfig(**bad)
+
+
+def test_the_short_window_phase_trains_the_same_bytes_cut_into_shorter_windows(tmp_path, corpus_file,
+                                                                               monkeypatch):
+    seen = []  # (shape, bytes) of every training batch
+    forward = ByteLM.forward
+
+    def recording(self, idx, targets=None, **kw):
+        if self.training:
+            seen.append((tuple(idx.shape), idx.flatten().tolist()))
+        return forward(self, idx, targets, **kw)
+
+    monkeypatch.setattr(ByteLM, "forward", recording)
+    plain = tiny(tmp_path / "a", corpus_file, steps=8, eval_every=8, sample_bytes=0)
+    train(plain, progress=False)
+    plain_batches, seen[:] = list(seen), []
+    cfg = tiny(tmp_path / "b", corpus_file, steps=8, eval_every=8, sample_bytes=0, short_seq_len=16,
+               short_seq_share=0.5)
+    summary = train(cfg, progress=False)
+
+    assert plain.seq_len == 64 and plain.batch_size == 8
+    assert [shape for shape, _ in seen] == [(32, 16)] * 4 + [(8, 64)] * 4
+    # Step 1: batches differ only in shape, the same bytes in the same order; later the weights differ.
+    assert seen[0][1] == plain_batches[0][1]
+    assert summary["bytes_per_s"] > 0 and read_checkpoint(RunPaths.for_out(cfg.out).best)["model_config"]["block_size"] == 64
 
 
 def test_bf16_autocast_smoke_on_cpu(tmp_path, corpus_file):
