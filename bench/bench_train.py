@@ -38,7 +38,8 @@ def time_steps(cfg: ModelConfig, batch: int, seq_len: int, dtype: str, compile_m
     torch.manual_seed(0)
     model = ByteLM(cfg)
     optimizers = build_optimizers(model, muon_lr=0.01, adam_lr=0.001)
-    fwd = torch.compile(model) if compile_model else model
+    model.compile_blocks(compile_model)  # as training does: bytelm.training
+    fwd = model
     g = torch.Generator().manual_seed(0)
     device = torch.device("cpu")
     times = []

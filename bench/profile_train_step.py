@@ -38,7 +38,8 @@ def main() -> None:
     torch.manual_seed(0)
     model = ByteLM(ModelConfig(n_layer=args.layers, n_head=args.heads, n_embd=args.width, block_size=args.seq))
     optimizers = build_optimizers(model, muon_lr=0.01, adam_lr=0.001)
-    forward = model if args.eager else torch.compile(model)
+    model.compile_blocks(not args.eager)  # as training does: bytelm.training
+    forward = model
     x = torch.randint(0, 256, (args.batch, args.seq))
     y = torch.randint(0, 256, (args.batch, args.seq))
     times: dict[str, list[float]] = {"forward + backward": [], "clip": [], "optimizers": []}

@@ -147,6 +147,7 @@ class ByteLM(nn.Module):
         self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.head.weight = self.embed.weight
+        self._compiled_blocks: list | None = None  # see compile_blocks; a plain list, so not in the state_dict
         cos, sin = self._rotary_tables(config)
         # Not persistent: derived from the config, so checkpoints stay small and never disagree with it.
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -168,6 +169,21 @@ class ByteLM(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=0.02)
 
+    def compile_blocks(self, enabled: bool = True) -> None:
+        """torch.compile the blocks for training (enabled=False undoes it); evaluation, sampling and cached
+        decoding stay eager, so they never trigger a compile for their own shapes.
+
+        Compiling block by block rather than the whole model: the blocks share one forward and one shape, so
+        dynamo compiles one graph and reuses it for every layer. Measured with a cold cache, 2 threads
+        (2026-11-29): 18 s instead of 42 s for the 6x8x192 model at 16 x 128, at the same speed per step.
+        dynamic=False: a second shape (--short-seq-len) gets its own static graph, not a slower dynamic one.
+        """
+        self._compiled_blocks = [torch.compile(b, dynamic=False) for b in self.blocks] if enabled else None
+
+    @property
+    def blocks_compiled(self) -> bool:
+        return self._compiled_blocks is not None
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights counted once
 
@@ -185,7 +201,8 @@ class ByteLM(nn.Module):
         cos = self.rope_cos[start:start + T]
         sin = self.rope_sin[start:start + T]
         x = self.embed(idx)  # (B, T, C)
-        for i, block in enumerate(self.blocks):
+        blocks = self._compiled_blocks if self._compiled_blocks and self.training and cache is None else self.blocks
+        for i, block in enumerate(blocks):
             x = block(x, cos, sin, cache, i)
         if cache is not None:
             cache.pos += T

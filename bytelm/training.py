@@ -54,7 +54,7 @@ except ImportError:  # Windows: runs are not locked there
 PLAN_AT_STEP = 20  # with a time budget, steps 5..20 are timed and the run's length is fitted to the budget
 
 
-# torch.compile takes about a minute for the default model on 2 CPU cores; below this many steps it does not
+# torch.compile (block by block) takes ~20 s for the default model on 2 CPU cores; below this many steps it does not
 # pay back (measured 0.458 vs 0.578 s per step at batch 16 x 128: bench/bench_train.py).
 COMPILE_MIN_STEPS = 300
 
@@ -117,7 +117,7 @@ class TrainConfig:
                         "device")  # busy cores stall OpenMP: auto_threads
     compile: str = _arg("auto", "torch.compile the training forward/backward: on, off, or auto (on for runs "
                         f"of at least {COMPILE_MIN_STEPS} steps in one process)",
-                        "device")  # 1.26x per step at 16x128 here, after a ~1 min compile: docs/benchmarks.md
+                        "device")  # 1.26x per step at 16x128 here, after a ~20 s compile: docs/training.md
     seed: int = _arg(1337, "seed for initialisation and batches", "device")  # nanoGPT's
     # evaluation, logging, checkpoints
     eval_every: int = _arg(100, "evaluate validation bits per byte every this many steps",
@@ -650,11 +650,10 @@ def _train(cfg: TrainConfig, d: Dist, progress: bool, command: str) -> dict:
         from torch.nn.parallel import DistributedDataParallel as DDP
         ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    # The compiled module shares its parameters with `model`; evaluation, sampling and saving use `model`.
+    # Compiled blocks serve training steps only; evaluation and sampling run the same weights eagerly.
     use_compile = cfg.compile == "on" or (cfg.compile == "auto" and d.world_size == 1
                                           and cfg.steps - step >= COMPILE_MIN_STEPS)
-    # dynamic=False: the short-window phase gets its own static graph rather than a slower dynamic-shape one.
-    forward = torch.compile(ddp_model, dynamic=False) if use_compile else ddp_model
+    model.compile_blocks(use_compile)
 
     log = _RunLog(paths.metrics, enabled=d.main)
     if d.main:
@@ -764,15 +763,15 @@ def _train(cfg: TrainConfig, d: Dist, progress: bool, command: str) -> dict:
                     x, y = x.view(-1, cfg.short_seq_len), y.view(-1, cfg.short_seq_len)
                 try:
                     with autocast(device, dtype):
-                        _, loss = forward(x, y)
+                        _, loss = ddp_model(x, y)
                 except Exception as e:  # compilation happens at the first call; fall back rather than fail
-                    if forward is ddp_model or cfg.compile == "on":
+                    if not model.blocks_compiled or cfg.compile == "on":
                         raise
                     say(f"warning: torch.compile failed here ({type(e).__name__}); training without it "
                         "(--compile off skips the attempt)")
-                    forward = ddp_model
+                    model.compile_blocks(False)
                     with autocast(device, dtype):
-                        _, loss = forward(x, y)
+                        _, loss = ddp_model(x, y)
                 loss.backward()
                 if cfg.grad_clip > 0:
                     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

@@ -376,6 +376,31 @@ def test_compiled_training_follows_the_eager_reference(tmp_path, corpus_file):
     assert a == pytest.approx(b, rel=1e-4)
 
 
+def test_a_failing_compile_falls_back_to_eager_and_evaluation_never_uses_compiled_blocks(tmp_path, corpus_file,
+                                                                                        monkeypatch, capsys):
+    calls = []  # training mode of each call into a "compiled" block
+
+    class Broken(torch.nn.Module):
+        def __init__(self, block):
+            super().__init__()
+            self.block = block
+
+        def forward(self, *args):
+            calls.append(self.block.training)
+            raise RuntimeError("backend compiler failed")
+
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: Broken(module))
+    cfg = tiny(tmp_path, corpus_file, steps=training.COMPILE_MIN_STEPS, eval_every=100, sample_bytes=8,
+               compile="auto")
+    summary = train(cfg, progress=False)
+
+    assert summary["stop_reason"] == "done" and summary["steps"] == cfg.steps
+    assert calls == [True], calls  # tried once, on the first training step; evaluations ran eagerly
+    assert "torch.compile failed here (RuntimeError); training without it" in capsys.readouterr().out
+    with pytest.raises(RuntimeError, match="backend compiler failed"):  # --compile on: no silent fallback
+        train(tiny(tmp_path / "on", corpus_file, steps=2, compile="on"), progress=False)
+
+
 def test_auto_compile_is_off_for_short_runs(tmp_path, corpus_file, monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("torch.compile called for a short run")
