@@ -34,6 +34,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--eager", action="store_true", help="no torch.compile")
     args = ap.parse_args()
+    if args.steps <= args.warmup:
+        ap.error(f"--steps ({args.steps}) must exceed --warmup ({args.warmup}): only the steps after it are timed")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = ByteLM(ModelConfig(n_layer=args.layers, n_head=args.heads, n_embd=args.width, block_size=args.seq))
