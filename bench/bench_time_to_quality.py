@@ -45,10 +45,16 @@ def main() -> None:
     if not Path(args.data).exists():
         sys.exit(f"error: {args.data} not found (the benchmark text lives in ../shared/data)")
     overrides = {}
+    defaults = TrainConfig()
     for kv in args.train_flags:
-        k, v = kv.split("=", 1)
-        t = type(getattr(TrainConfig(), k))
-        overrides[k] = (v.lower() in ("1", "true", "yes")) if t is bool else t(v)
+        k, sep, v = kv.partition("=")
+        if not sep or not hasattr(defaults, k):
+            ap.error(f"{kv!r} is not key=value with a TrainConfig field as key (e.g. n_layer=4)")
+        t = type(getattr(defaults, k))
+        try:
+            overrides[k] = (v.lower() in ("1", "true", "yes")) if t is bool else t(v)
+        except ValueError:
+            ap.error(f"{k} takes a {t.__name__}, not {v!r}")
 
     out = Path(tempfile.mkdtemp(prefix="bytelm-ttq-")) / "model.pt"
     cfg = TrainConfig(**{**dict(data=args.data), **overrides})  # just the model shape, for the reserve
