@@ -6,6 +6,8 @@
 Each row times full optimizer steps (forward, backward, Muon + AdamW) after warm-up steps, on random bytes.
 MFU divides achieved model FLOP/s by the best matmul FLOP/s measured in the same run, for fp32 and bf16.
 FLOPs per byte use nanoGPT's estimate, 6 N + 12 L C T, so the numbers compare with its MFU.
+Each row runs in a fresh process, so its peak RSS is its own: the C allocator keeps what an earlier row freed
+(an eager step at the upstream shape leaves about 2 GB resident; a compiled one about 1.5 GB).
 A bf16 row is measured only where the CPU has native bf16 (see bytelm/device.py): elsewhere one step takes
 minutes, and the row says so instead.
 """
@@ -13,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+import multiprocessing
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -61,6 +65,17 @@ def time_steps(cfg: ModelConfig, batch: int, seq_len: int, dtype: str, compile_m
     return sorted(times)[len(times) // 2]
 
 
+def time_steps_fresh(*args) -> tuple[float, float]:
+    """time_steps(*args) in a new process: (seconds per step, that process's peak RSS in MB)."""
+    ctx = multiprocessing.get_context("spawn")  # a clean interpreter: no memory held from earlier rows
+    with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        return pool.submit(_time_steps_and_rss, *args).result()
+
+
+def _time_steps_and_rss(*args) -> tuple[float, float]:
+    return time_steps(*args), peak_rss_mb()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch-size", type=int, default=24)
@@ -83,13 +98,13 @@ def main() -> None:
             if dtype == "bf16" and not cpu_has_fast_bf16():
                 rows.append([name, "skipped: no native bf16 on this CPU", "", "", "", ""])
                 continue
-            sec = time_steps(cfg, args.batch_size, args.seq_len, dtype, comp, args.warmup + (1 if comp else 0),
+            sec, rss = time_steps_fresh(cfg, args.batch_size, args.seq_len, dtype, comp, args.warmup + (1 if comp else 0),
                              args.steps)
             bps = bytes_per_step / sec
             achieved = bps * fpb / 1e9
-            rows.append([name, sec, bps, achieved, f"{100 * achieved / peak[dtype]:.1f}%", peak_rss_mb()])
+            rows.append([name, sec, bps, achieved, f"{100 * achieved / peak[dtype]:.1f}%", rss])
     table = markdown_table(["precision, mode", "s/step", "bytes/s", "model GFLOP/s", "MFU (vs same-dtype peak)",
-                            "peak RSS so far (MB)"], rows)
+                            "peak RSS of the row (MB)"], rows)
     notes = (f"Shape: default model ({cfg.n_layer} layers, {cfg.n_head} heads, width {cfg.n_embd}), batch "
              f"{args.batch_size} x {args.seq_len} bytes = {bytes_per_step:,} bytes/step; {fpb / 1e6:.1f} MFLOP "
              f"per byte (6N + 12LCT). Matmul peak measured in this run: fp32 {peak['fp32']:.0f} GFLOP/s, bf16 "
