@@ -157,7 +157,13 @@ class Terminal:
                 before, self.seen = self.data[self.seen:i], i + len(needle)
                 return before
             if time.monotonic() > deadline or not self._read(0.1):
-                raise AssertionError(f"did not see {needle!r}; last output: {self.data[-600:]!r}")
+                if self.status is None:
+                    pid, status = os.waitpid(self.pid, os.WNOHANG)
+                    self.status = status if pid else None
+                alive = self.status is None
+                raise AssertionError(
+                    f"did not see {needle!r} ({'timed out' if alive else 'the program ended'}; "
+                    f"{len(self.data) - self.seen} bytes since the last match); last output: {self.data[-600:]!r}")
 
     def send(self, data: bytes) -> None:
         os.write(self.fd, data)
