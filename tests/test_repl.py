@@ -129,6 +129,9 @@ class Terminal:
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # child: pty.fork made the terminal its controlling tty, so Ctrl-C means SIGINT
             try:
+                # A shell starts background jobs with SIGINT ignored, and execve keeps that: a suite run as
+                # `pytest &` then gave the program a Ctrl-C that did nothing. A person's terminal has the default.
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
                 os.chdir(REPO)
                 os.execve(argv[0], argv, env)
             finally:
