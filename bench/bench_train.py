@@ -7,14 +7,13 @@ Each row times full optimizer steps (forward, backward, Muon + AdamW) after warm
 MFU divides achieved model FLOP/s by the best matmul FLOP/s measured in the same run, for fp32 and bf16.
 FLOPs per byte use nanoGPT's estimate, 6 N + 12 L C T, so the numbers compare with its MFU.
 Each row runs in a fresh process, so its peak RSS is its own: the C allocator keeps what an earlier row freed
-(an eager step at the upstream shape leaves about 2 GB resident; a compiled one about 1.5 GB).
+(at the upstream shape an eager row peaks near 1.9 GB, a compiled one near 1.6 GB: 2026-11-29).
 A bf16 row is measured only where the CPU has native bf16 (see bytelm/device.py): elsewhere one step takes
 minutes, and the row says so instead.
 """
 from __future__ import annotations
 
 import argparse
-import gc
 import multiprocessing
 import sys
 import time
@@ -43,7 +42,6 @@ def time_steps(cfg: ModelConfig, batch: int, seq_len: int, dtype: str, compile_m
     model = ByteLM(cfg)
     optimizers = build_optimizers(model, muon_lr=0.01, adam_lr=0.001)
     model.compile_blocks(compile_model)  # as training does: bytelm.training
-    fwd = model
     g = torch.Generator().manual_seed(0)
     device = torch.device("cpu")
     times = []
@@ -52,7 +50,7 @@ def time_steps(cfg: ModelConfig, batch: int, seq_len: int, dtype: str, compile_m
         y = torch.randint(0, 256, (batch, seq_len), generator=g)
         t = time.perf_counter()
         with autocast(device, dtype):
-            _, loss = fwd(x, y)
+            _, loss = model(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         for opt in optimizers:
@@ -60,8 +58,6 @@ def time_steps(cfg: ModelConfig, batch: int, seq_len: int, dtype: str, compile_m
             opt.zero_grad(set_to_none=True)
         if i >= warmup:
             times.append(time.perf_counter() - t)
-    del model, optimizers, fwd
-    gc.collect()
     return sorted(times)[len(times) // 2]
 
 
@@ -98,8 +94,8 @@ def main() -> None:
             if dtype == "bf16" and not cpu_has_fast_bf16():
                 rows.append([name, "skipped: no native bf16 on this CPU", "", "", "", ""])
                 continue
-            sec, rss = time_steps_fresh(cfg, args.batch_size, args.seq_len, dtype, comp, args.warmup + (1 if comp else 0),
-                             args.steps)
+            sec, rss = time_steps_fresh(cfg, args.batch_size, args.seq_len, dtype, comp,
+                                        args.warmup + (1 if comp else 0), args.steps)
             bps = bytes_per_step / sec
             achieved = bps * fpb / 1e9
             rows.append([name, sec, bps, achieved, f"{100 * achieved / peak[dtype]:.1f}%", rss])

@@ -41,13 +41,12 @@ def main() -> None:
     model = ByteLM(ModelConfig(n_layer=args.layers, n_head=args.heads, n_embd=args.width, block_size=args.seq))
     optimizers = build_optimizers(model, muon_lr=0.01, adam_lr=0.001)
     model.compile_blocks(not args.eager)  # as training does: bytelm.training
-    forward = model
     x = torch.randint(0, 256, (args.batch, args.seq))
     y = torch.randint(0, 256, (args.batch, args.seq))
     times: dict[str, list[float]] = {"forward + backward": [], "clip": [], "optimizers": []}
     for i in range(args.steps):
         t0 = time.perf_counter()
-        _, loss = forward(x, y)
+        _, loss = model(x, y)
         loss.backward()
         t1 = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
