@@ -784,6 +784,50 @@ class EvalBatches(Sequence):
         return _windows(self.data, starts, self.seq_len)
 
 
+IGNORE = -100  # a target that scores nothing: F.cross_entropy's default ignore_index
+
+
+class SlidingBatches(Sequence):
+    """Every byte of a split scored once, each with as much context as a window allows: windows of seq_len
+    bytes start every `stride` bytes, and each scores only the targets that no earlier window scored (the
+    first scores all of its own; the last is moved back to end at the split's end). So every byte after
+    the first window is predicted from at least seq_len - stride bytes before it, as a compressor running
+    the model over the text would see it, where consecutive windows (EvalBatches) restart from nothing at
+    every boundary. Costs seq_len / stride times the forward passes. Items are (x, y): (B, T) int64 each,
+    with y = IGNORE at the targets a window does not score."""
+
+    def __init__(self, data: np.ndarray, batch_size: int, seq_len: int, stride: int, *,
+                 name: str = "validation"):
+        _check_shape(batch_size, seq_len)
+        if not (isinstance(stride, int) and 1 <= stride <= seq_len):
+            raise DataError(f"stride must be an integer from 1 to seq_len ({seq_len}), got {stride!r}")
+        data = _as_array(data)
+        check_size(data, seq_len, name)
+        self.data, self.batch_size, self.seq_len = data, batch_size, seq_len
+        last = len(data) - 1 - seq_len  # the start of the window that ends at the split's end
+        starts = np.arange(0, last + 1, stride, dtype=np.int64)
+        if starts[-1] != last:
+            starts = np.append(starts, last)
+        # Window k predicts bytes starts[k]+1 .. starts[k]+T; it scores those past the previous window's end.
+        prev_end = np.concatenate(([0], starts[:-1] + seq_len))  # the last target index already scored
+        self.starts, self.first_scored = starts, prev_end - starts  # first scored position in each window
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.starts) / self.batch_size)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        rows = slice(i * self.batch_size, (i + 1) * self.batch_size)
+        x, y = _windows(self.data, self.starts[rows], self.seq_len)
+        unscored = torch.arange(self.seq_len) < torch.from_numpy(self.first_scored[rows])[:, None]  # (B, T)
+        return x, y.masked_fill(unscored, IGNORE)  # not in place: with one row, x and y share storage
+
+
 def eval_batches(data: np.ndarray, batch_size: int, seq_len: int, max_batches: int | None = None,
                  *, name: str = "validation") -> EvalBatches:
     """Fixed, deterministic held-out batches: consecutive non-overlapping windows, evenly spread over the

@@ -428,7 +428,8 @@ def auto_threads() -> int:
 
 @torch.no_grad()
 def evaluate(model: ByteLM, batches, device: torch.device, dtype: str, d: Dist = Dist()) -> float:
-    """Mean cross-entropy (nats per byte) over the fixed held-out batches, shared out across ranks."""
+    """Mean cross-entropy (nats per scored byte) over fixed held-out batches (EvalBatches or SlidingBatches),
+    shared out across ranks."""
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of nats, bytes)
@@ -436,8 +437,9 @@ def evaluate(model: ByteLM, batches, device: torch.device, dtype: str, d: Dist =
         x, y = batches[i]
         with autocast(device, dtype):
             _, loss = model(x.to(device), y.to(device))
-        total[0] += loss.double() * y.numel()
-        total[1] += y.numel()
+        scored = int((y >= 0).sum())  # SlidingBatches marks the targets a window leaves to others as negative
+        total[0] += loss.double() * scored
+        total[1] += scored
     _all_reduce_sum(total, d)
     model.train(was_training)
     return (total[0] / total[1]).item()

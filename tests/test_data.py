@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 import bytelm.data as data_mod
 from bytelm.config import DOC_SEPARATOR
-from bytelm.data import (BatchSampler, Corpus, check_size, eval_batches, load_corpus, load_stream,
-                         stream_documents)
+from bytelm.data import (IGNORE, BatchSampler, Corpus, SlidingBatches, check_size, eval_batches, load_corpus,
+                         load_stream, stream_documents)
 from bytelm.errors import DataError
 
 from conftest import TINY_DOCS
@@ -337,6 +337,27 @@ def test_eval_batches_are_deterministic_and_cover_the_split():
     assert len(few) == 2
     starts = [int(x[i, 0]) for x, _ in few for i in range(2)]  # DATA-like bytes: the first byte is the offset
     assert starts == [0, (6 * 32) % 256, (12 * 32) % 256, (18 * 32) % 256]  # spread over the split
+
+
+@pytest.mark.parametrize("n, seq_len, stride", [(772, 32, 16), (772, 32, 32), (771, 32, 7), (33, 32, 8)])
+def test_sliding_batches_score_every_byte_once_with_context(n, seq_len, stride):
+    data = np.random.default_rng(n + stride).integers(0, 256, n, dtype=np.uint8)
+    batches = SlidingBatches(data, batch_size=3, seq_len=seq_len, stride=stride)
+    scored, row = [], 0
+    for x, y in batches:
+        for i in range(x.shape[0]):
+            start = int(batches.starts[row])
+            assert bytes(x[i].tolist()) == raw(data[start:start + seq_len])  # the window's bytes
+            for p in torch.nonzero(y[i] != IGNORE).flatten().tolist():
+                assert int(y[i, p]) == data[start + p + 1]
+                assert row == 0 or p + 1 >= seq_len - stride  # at least T - stride bytes of context
+                scored.append(start + p + 1)
+            row += 1
+    assert scored == list(range(1, n))  # each target once, in order, none missed
+    with pytest.raises(DataError, match="stride must be"):
+        SlidingBatches(data, 3, seq_len, seq_len + 1)
+    with pytest.raises(DataError, match="one window"):
+        SlidingBatches(data[:seq_len], 3, seq_len, stride)
 
 
 # --- errors ----------------------------------------------------------------------------------------------

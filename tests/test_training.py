@@ -17,7 +17,7 @@ import torch
 
 import bytelm.training as training
 from bytelm.checkpoint import load_model, read_checkpoint
-from bytelm.data import eval_batches, load_corpus
+from bytelm.data import SlidingBatches, eval_batches, load_corpus
 from bytelm.errors import BytelmError, run_cli
 from bytelm.metrics import bits_per_byte, read_metrics
 from bytelm.model import ByteLM
@@ -74,6 +74,28 @@ def test_tiny_model_lowers_its_validation_loss(tmp_path, corpus_file):
     evals = [r for r in read_metrics(paths.metrics) if "val_bpb" in r]
     assert [r["step"] for r in evals] == [20, 40]
     assert summary["bytes_per_s"] > 0 and summary["seconds"] > 0
+
+
+def test_sliding_evaluation_is_the_mean_over_each_byte_scored_once():
+    torch.manual_seed(0)
+    model = ByteLM(TrainConfig.from_preset("tiny").model_config()).eval()
+    data = torch.randint(0, 256, (300,), dtype=torch.uint8).numpy()
+    seq_len, stride = 64, 24
+    nats, n, done = 0.0, 0, 0  # the reference: one window at a time, scoring targets past `done`
+    for start in [*range(0, 300 - 1 - seq_len, stride), 300 - 1 - seq_len]:
+        w = torch.from_numpy(data[start:start + seq_len + 1]).long()
+        with torch.no_grad():
+            logp = torch.log_softmax(model(w[None, :-1])[0][0].float(), -1)  # (T, 256)
+        for p in range(seq_len):
+            if start + p + 1 > done:
+                nats -= logp[p, w[p + 1]].item()
+                n += 1
+        done = start + seq_len
+    assert n == 299
+    for batch_size in (1, 4, 5):  # a short last batch must weigh by the bytes it scores
+        got = training.evaluate(model, SlidingBatches(data, batch_size, seq_len, stride), torch.device("cpu"),
+                                "fp32")
+        assert got == pytest.approx(nats / n, rel=1e-5)
 
 
 @pytest.mark.parametrize("schedule", [{}, dict(short_seq_len=16, short_seq_share=0.75)], ids=["plain", "short"])
