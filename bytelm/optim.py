@@ -33,12 +33,16 @@ NS_STEPS = 5
 
 
 def newton_schulz(grad: torch.Tensor, coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
-                  steps: int = NS_STEPS, eps: float = 1e-7, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                  steps: int = NS_STEPS, eps: float = 1e-7, dtype: torch.dtype = torch.float32,
+                  gram: bool | None = None) -> torch.Tensor:
     """Approximately orthogonalise a matrix (U S V^T -> U S' V^T, S' ~ 1), computing in `dtype`.
 
     grad: (rows, cols), or a stack (n, rows, cols) of same-shape matrices, each orthogonalised on its own: one
     batched product per iteration instead of n small ones. The same quintic iteration as torch.optim.Muon;
     for one matrix with dtype=torch.bfloat16 it is bit-identical to it.
+
+    gram: run the iteration on the small Gram matrix (see below); None picks it where it does less arithmetic
+    (fp32 or fp64, and a long side at least 1.5x the short one). Never in bf16: its rounding compounds there.
     """
     if grad.ndim not in (2, 3):
         raise ValueError("newton_schulz needs a matrix or a stack of matrices")
@@ -50,10 +54,29 @@ def newton_schulz(grad: torch.Tensor, coefficients: tuple[float, float, float] =
     norm = x.norm() if x.ndim == 2 else x.norm(dim=(-2, -1), keepdim=True)
     x = x.div(norm.clamp(min=eps))  # spectral norm <= Frobenius norm <= 1
     fma = torch.addmm if x.ndim == 2 else torch.baddbmm  # out = beta * input + alpha * (m1 @ m2)
-    for _ in range(steps):
-        gram = x @ x.mT
-        poly = fma(gram, gram, gram, beta=b, alpha=c)  # b*G + c*G^2
-        x = fma(x, poly, x, beta=a)  # a*X + (b*G + c*G^2) X
+    r, n = x.shape[-2:]  # r <= n
+    if gram is None:
+        gram = dtype in (torch.float32, torch.float64) and 2 * n >= 3 * r
+    if not gram:
+        for _ in range(steps):
+            g = x @ x.mT  # (r, r)
+            poly = fma(g, g, g, beta=b, alpha=c)  # b*G + c*G^2
+            x = fma(x, poly, x, beta=a)  # a*X + (b*G + c*G^2) X
+        return x.mT if tall else x
+    # Each step is X <- P X with P = a I + b G + c G^2 a polynomial of G = X X^T (r x r, symmetric), so after k
+    # steps X_k = Q X_0 with Q = P_k ... P_1, and G_{k+1} = P G_k P. Carrying Q and G (r x r products only) and
+    # forming Q X_0 once costs 2 r^2 n + 17 r^3 multiply-adds for 5 steps against 10 r^2 n + 5 r^3: equal at
+    # n = 1.5 r, 44% fewer at n = 4 r (the MLP's matrices; measured 12.2 -> 7.4 ms for four 160x640, 2 threads).
+    # It agrees with the direct iteration to ~1e-4 in fp32 (tests/test_optim.py); torch's Muon rounds to bf16.
+    g = x @ x.mT  # (r, r)
+    q = None
+    for i in range(steps):
+        poly = fma(g, g, g, beta=b, alpha=c)  # b*G + c*G^2
+        poly.diagonal(dim1=-2, dim2=-1).add_(a)  # + a*I
+        q = poly if q is None else poly @ q
+        if i < steps - 1:
+            g = poly @ (poly @ g)
+    x = q @ x
     return x.mT if tall else x
 
 

@@ -69,6 +69,23 @@ def test_newton_schulz_in_fp32_orthogonalises():
     assert s.min() > 0.5 and s.max() < 1.5  # Keller Jordan's iteration lands S' in about (0.5, 1.5)
 
 
+@pytest.mark.parametrize("shape", [(96, 24), (24, 96), (3, 40, 24), (2, 16, 64)])
+def test_gram_iteration_agrees_with_the_direct_one(shape):
+    """The fp32 step iterates on the Gram matrix of wide (or tall) matrices; it must land where the textbook
+    iteration does, also for a gradient-like spectrum (a few large directions and many small ones)."""
+    gen = torch.Generator().manual_seed(5)
+    rows, cols = shape[-2:]
+    g = torch.randn(*shape[:-2], rows, 4, generator=gen) @ torch.randn(*shape[:-2], 4, cols, generator=gen)
+    g += 0.05 * torch.randn(*shape, generator=gen)
+    exact = newton_schulz(g.double(), dtype=torch.float64, gram=False)
+    got = newton_schulz(g, dtype=torch.float32, gram=True)
+    assert (got.double() - exact).abs().max() < 1e-3 * exact.abs().max()
+    torch.testing.assert_close(newton_schulz(g, dtype=torch.float32), got, rtol=0, atol=0)  # auto picks it
+    # where it is no cheaper (square) the direct iteration runs; in bf16 it always does (the test above)
+    sq = g[..., :min(rows, cols), :min(rows, cols)].contiguous()
+    torch.testing.assert_close(newton_schulz(sq), newton_schulz(sq, gram=False), rtol=0, atol=0)
+
+
 def test_fp32_muon_step_is_torchs_update_with_fp32_orthogonalisation(monkeypatch):
     """Same momentum, Nesterov, weight decay and per-shape lr as torch.optim.Muon; only the NS dtype differs."""
     gen = torch.Generator().manual_seed(2)
