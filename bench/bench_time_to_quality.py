@@ -2,6 +2,7 @@
 
     python bench/bench_time_to_quality.py                 # 600 s in all, appends to docs/benchmarks.md
     python bench/bench_time_to_quality.py --budget 60 --no-write    # a quick look
+    python bench/bench_time_to_quality.py --seeds 1337,1,2          # three runs of 600 s, a row each and the mean
 
 Split as nanoGPT's prepare.py: the first 90% of the file trains, the last 10% validates. The budget covers
 everything after the data is loaded: training, its periodic evaluations and the final evaluation of the best
@@ -44,6 +45,8 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=600.0, help="seconds for training + all evaluation")
     ap.add_argument("--data", default=str(SHAKESPEARE))
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--seeds", help="comma-separated seeds: one whole run (and budget) each, then their mean. "
+                                    "Runs of one recipe differ by about 0.01-0.02 bpb with the seed")
     ap.add_argument("train_flags", nargs="*", help="TrainConfig overrides as key=value, e.g. n_layer=4")
     args = ap.parse_args()
     if not Path(args.data).exists():
@@ -60,37 +63,57 @@ def main() -> None:
         except ValueError:
             ap.error(f"{k} takes a {t.__name__}, not {v!r}")
 
+    try:
+        seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [None]
+    except ValueError:
+        ap.error(f"--seeds takes comma-separated integers, not {args.seeds!r}")
+    runs = [one_run(args.data, args.budget, overrides if seed is None else {**overrides, "seed": seed})
+            for seed in seeds]
+    cfg = runs[0]["cfg"]
+    shape = (f"bytelm {cfg.n_layer}x{cfg.n_head}x{cfg.n_embd}, batch {cfg.batch_size} x {cfg.seq_len}"
+             + (f" ({cfg.short_seq_share:.0%} of steps at {cfg.batch_size * cfg.seq_len // cfg.short_seq_len} x "
+                f"{cfg.short_seq_len})" if cfg.short_seq_len else "")
+             + f", compile {cfg.compile}")
+    rows = [[shape + (f", seed {r['cfg'].seed}" if args.seeds else ""), r["params"], r["steps"], r["wall"],
+             r["bpb"], r["bpb_sliding"], "2.208", "<= 2.10"] for r in runs]
+    if len(runs) > 1:
+        rows.append([f"mean of the {len(runs)} seeds", runs[0]["params"],
+                     *(sum(r[k] for r in runs) / len(runs) for k in ("steps", "wall", "bpb", "bpb_sliding")),
+                     "2.208", "<= 2.10"])
+    table = markdown_table(["run", "parameters", "steps", "wall s (train + evals)",
+                            f"val bpb, whole split, consecutive {cfg.seq_len}-byte windows (best ckpt)",
+                            f"same, sliding window (stride {cfg.seq_len // 2})", "nanoGPT anchor", "target"], rows)
+    notes = (f"Train/val: first 90% / last 10% of {Path(args.data).name} ({runs[0]['train_bytes']:,} / "
+             f"{runs[0]['val_bytes']:,} bytes). " + " ".join(
+                 f"{'Seed ' + str(r['cfg'].seed) + ': b' if args.seeds else 'B'}est checkpoint at step "
+                 f"{r['best_step']} (val bpb on {cfg.eval_batches} batches during training: {r['best_val_bpb']:.4f}); "
+                 f"{r['bytes_per_s']:,.0f} training bytes/s overall." for r in runs))
+    report(f"Time to quality: tinyshakespeare, {args.budget:.0f} s budget", table, notes, write=not args.no_write)
+
+
+def one_run(data: str, budget: float, overrides: dict) -> dict:
+    """Train within `budget` seconds (the final evaluation's reserve included), then score the best checkpoint
+    on the whole validation split, over consecutive windows and over a sliding window."""
     out = Path(tempfile.mkdtemp(prefix="bytelm-ttq-")) / "model.pt"
-    cfg = TrainConfig(**{**dict(data=args.data), **overrides})  # just the model shape, for the reserve
+    cfg = TrainConfig(**{**dict(data=data), **overrides})  # just the model shape, for the reserve
     reserve = final_eval_reserve(ByteLM(cfg.model_config()).num_params())
-    cfg = TrainConfig(**{**dict(data=args.data, val_fraction=0.1, out=str(out), steps=100_000, plot=False,
+    cfg = TrainConfig(**{**dict(data=data, val_fraction=0.1, out=str(out), steps=100_000, plot=False,
                                 sample_bytes=0, eval_every=200, save_every=200,  # resume state at evaluations only
-                                time_budget=args.budget - reserve),
+                                time_budget=budget - reserve),
                          **overrides})
     t0 = time.perf_counter()
     summary = train(cfg, progress=False, command="bench/bench_time_to_quality.py")
     model, _ = load_model(out)
-    corpus = load_corpus(args.data, val_fraction=0.1, cache_dir=cfg.cache_dir or None)
+    corpus = load_corpus(data, val_fraction=0.1, cache_dir=cfg.cache_dir or None)
     cpu = torch.device("cpu")
     batches = eval_batches(corpus.val, cfg.batch_size, cfg.seq_len)  # the whole split
     bpb = bits_per_byte(evaluate(model, batches, cpu, "fp32"))
     sliding = SlidingBatches(corpus.val, cfg.batch_size, cfg.seq_len, stride=cfg.seq_len // 2)
     bpb_sliding = bits_per_byte(evaluate(model, sliding, cpu, "fp32"))
-    wall = time.perf_counter() - t0
-    rows = [[f"bytelm {cfg.n_layer}x{cfg.n_head}x{cfg.n_embd}, batch {cfg.batch_size} x {cfg.seq_len}"
-             + (f" ({cfg.short_seq_share:.0%} of steps at {cfg.batch_size * cfg.seq_len // cfg.short_seq_len} x "
-                f"{cfg.short_seq_len})" if cfg.short_seq_len else "")
-             + f", compile {cfg.compile}", model.num_params(), summary["steps"], wall, bpb, bpb_sliding,
-             "2.208", "<= 2.10"]]
-    table = markdown_table(["run", "parameters", "steps", "wall s (train + evals)",
-                            f"val bpb, whole split, consecutive {cfg.seq_len}-byte windows (best ckpt)",
-                            f"same, sliding window (stride {cfg.seq_len // 2})", "nanoGPT anchor", "target"], rows)
-    notes = (f"Train/val: first 90% / last 10% of {Path(args.data).name} ({len(corpus.train):,} / "
-             f"{len(corpus.val):,} bytes). Best checkpoint at step {summary['best_step']} (val bpb on "
-             f"{cfg.eval_batches} batches during training: {summary['best_val_bpb']:.4f}); "
-             f"{summary['bytes_per_s']:,.0f} training bytes/s overall.")
-    report(f"Time to quality: tinyshakespeare, {args.budget:.0f} s budget", table, notes, write=not args.no_write)
-
+    return dict(cfg=cfg, params=model.num_params(), steps=summary["steps"], wall=time.perf_counter() - t0,
+                bpb=bpb, bpb_sliding=bpb_sliding, best_step=summary["best_step"],
+                best_val_bpb=summary["best_val_bpb"], bytes_per_s=summary["bytes_per_s"],
+                train_bytes=len(corpus.train), val_bytes=len(corpus.val))
 
 if __name__ == "__main__":
     main()
