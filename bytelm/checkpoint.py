@@ -211,6 +211,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path} is not a readable bytelm checkpoint (truncated or corrupt: {reason})") from None
     except MemoryError:
         raise CheckpointError(f"{path} declares more data than fits in memory; refusing it") from None
+    except Exception as e:  # noqa: BLE001 - the unpickler meets garbage with IndexError, KeyError, ...
+        raise CheckpointError(f"{path} is not a readable bytelm checkpoint (corrupt pickle data: "
+                              f"{type(e).__name__})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{path} is not a bytelm checkpoint (no bytelm format marker)")
     version = ckpt.get("version")

@@ -1,6 +1,7 @@
 """Checkpoints: round trip, atomic writes, and clear refusals of broken or hostile files."""
 import os
 import pickle
+import random
 import subprocess
 import sys
 
@@ -109,6 +110,17 @@ def test_random_bytes_file(tmp_path):
     path.write_bytes(os.urandom(4096))
     with pytest.raises(CheckpointError, match="not a"):
         load_model(path)
+
+
+def test_any_random_bytes_file_is_one_clear_error(tmp_path):
+    """Garbage read as a legacy pickle meets the weights-only unpickler, which can fail with IndexError or
+    KeyError (about 7% of random 4 KiB files did before these were caught, 2026-12-01): always CheckpointError."""
+    path = tmp_path / "m.pt"
+    rng = random.Random(0)
+    for _ in range(300):
+        path.write_bytes(rng.randbytes(rng.choice([64, 4096])))
+        with pytest.raises(CheckpointError, match="not a"):
+            load_model(path)
 
 
 class _Payload:
