@@ -115,5 +115,6 @@ def one_run(data: str, budget: float, overrides: dict) -> dict:
                 best_val_bpb=summary["best_val_bpb"], bytes_per_s=summary["bytes_per_s"],
                 train_bytes=len(corpus.train), val_bytes=len(corpus.val))
 
+
 if __name__ == "__main__":
     main()

@@ -206,14 +206,12 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
             raise CheckpointError(f"refusing to load {path}: it contains Python objects other than tensors "
                                   "and plain data (possibly malicious code); nothing from it was run") from None
         raise CheckpointError(f"{path} is not a bytelm checkpoint (unreadable pickle data)") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, UnicodeDecodeError) as e:
-        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path} is not a readable bytelm checkpoint (truncated or corrupt: {reason})") from None
     except MemoryError:
         raise CheckpointError(f"{path} declares more data than fits in memory; refusing it") from None
-    except Exception as e:  # noqa: BLE001 - the unpickler meets garbage with IndexError, KeyError, ...
-        raise CheckpointError(f"{path} is not a readable bytelm checkpoint (corrupt pickle data: "
-                              f"{type(e).__name__})") from None
+    except Exception as e:  # noqa: BLE001 - a damaged file fails in many ways: EOFError, BadZipFile, the
+        # unpickler's IndexError or KeyError on garbage, ...; each is the same one line for the user
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} is not a readable bytelm checkpoint (truncated or corrupt: {reason})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{path} is not a bytelm checkpoint (no bytelm format marker)")
     version = ckpt.get("version")

@@ -337,7 +337,8 @@ def test_a_run_that_slows_down_after_planning_still_finishes_its_decay(tmp_path,
 
 def test_replanning_follows_the_measured_pace_and_never_moves_the_decay_into_the_past():
     cfg = TrainConfig(steps=1000, time_budget=100.0, cooldown=0.4)
-    assert training.replan_steps(cfg, 200, 40.0, 0.1, asked=1000) == (200 + int((1 - training.REPLAN_MARGIN) * 60 / 0.1), 0.4)
+    fit = 200 + int((1 - training.REPLAN_MARGIN) * 60 / 0.1)
+    assert training.replan_steps(cfg, 200, 40.0, 0.1, asked=1000) == (fit, 0.4)
     assert training.replan_steps(cfg, 200, 40.0, 0.01, asked=1000) == (1000, 0.4)  # never more than --steps
     assert training.replan_steps(cfg, 200, 96.0, 1.0, asked=1000) == (335, 0.4)  # flat through step 201
     assert not training.cooldown_started(599, 1000, 0.4) and training.cooldown_started(600, 1000, 0.4)
@@ -353,7 +354,7 @@ def test_replanning_in_the_decay_goes_on_from_the_current_rate_and_ends_at_zero(
     cfg = TrainConfig(steps=1000, time_budget=100.0, cooldown=0.4, warmup=10)
     total, cooldown = training.replan_steps(cfg, step, 60.0, pace, asked=5000)
     assert step < total <= 5000 and 0 < cooldown <= 1
-    assert total <= step + max(1, int((1 - training.REPLAN_MARGIN) * 40 / pace))  # fits in what is left of the budget
+    assert total <= step + max(1, int((1 - training.REPLAN_MARGIN) * 40 / pace))  # fits in what is left
     before = training.lr_scale(step, 1000, 10, 0.4)
     after = training.lr_scale(step, total, 10, cooldown)
     decay_steps = round(cooldown * total)
