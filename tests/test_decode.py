@@ -71,6 +71,17 @@ def test_fast_step_other_shapes(native):
     assert worst < 1e-4
 
 
+@pytest.mark.parametrize("shape", [dict(n_head=4, n_embd=96, block_size=45), dict(n_head=2, n_embd=80, block_size=21),
+                                   dict(n_head=1, n_embd=16, block_size=19)], ids=["D24", "D40", "D16"])
+def test_fast_step_head_sizes_of_the_vector_attention(shape):
+    """Head sizes that are a multiple of 8 take the C step's AVX2 attention (eight positions' scores at a time,
+    32 columns of the output per pass over the values): full and partial blocks of positions and of columns."""
+    model = perturbed_model(seed=4, n_layer=2, **shape)
+    worst, ref, fast = run_both(model, FastDecoder(model, native=True), prefill=1, steps=shape["block_size"] - 1)
+    assert worst < 1e-4
+    torch.testing.assert_close(fast.k, ref.k, atol=1e-5, rtol=1e-4)
+
+
 HALF = HAS_COMPILER and decode_kernel() is not None and bool(decode_kernel().bytelm_half_supported())
 
 
