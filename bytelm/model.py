@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .attention import causal_attention, kernel_ready
 from .config import ModelConfig
 
 
@@ -58,26 +59,28 @@ class CausalSelfAttention(nn.Module):
         # the cost of a one-byte decode step.
         # QK-norm keeps attention logits bounded, which lets Muon use a high learning rate safely.
         qk = apply_rotary(F.rms_norm(qkv[:, :, :2], (self.head_dim,)), cos, sin)  # (B, T, 2, H, D)
-        q, k = qk.transpose(1, 3).unbind(2)  # each (B, H, T, D)
-        v = qkv[:, :, 2].transpose(1, 2)  # (B, H, T, D)
 
         if cache is None or cache.pos == 0:
             if cache is not None:  # prefill: store, then attend causally within the new block
-                cache.k[layer, :, :, :T] = k
-                cache.v[layer, :, :, :T] = v
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            start, end = cache.pos, cache.pos + T
-            cache.k[layer, :, :, start:end] = k
-            cache.v[layer, :, :, start:end] = v
-            k_all, v_all = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]  # (B, H, end, D)
-            if k_all.dtype != q.dtype:  # an fp32 cache read under bf16 autocast
-                k_all, v_all = k_all.to(q.dtype), v_all.to(q.dtype)
-            if T == 1:  # one new byte sees every cached position: no mask needed
-                y = F.scaled_dot_product_attention(q, k_all, v_all)
-            else:  # a chunk after cached positions: query i sees keys 0 .. start + i
-                mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
-                y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
+                cache.k[layer, :, :, :T] = qk[:, :, 1].transpose(1, 2)
+                cache.v[layer, :, :, :T] = qkv[:, :, 2].transpose(1, 2)
+            # (B, T, H, D) views read in place: the C kernel where it applies, else torch's (bytelm.attention)
+            y = causal_attention(qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2]).reshape(B, T, C)
+            return self.proj(y)
+        q, k = qk.transpose(1, 3).unbind(2)  # each (B, H, T, D)
+        v = qkv[:, :, 2].transpose(1, 2)  # (B, H, T, D)
+        # Later chunks with the KV cache: every cached position plus the new ones
+        start, end = cache.pos, cache.pos + T
+        cache.k[layer, :, :, start:end] = k
+        cache.v[layer, :, :, start:end] = v
+        k_all, v_all = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]  # (B, H, end, D)
+        if k_all.dtype != q.dtype:  # an fp32 cache read under bf16 autocast
+            k_all, v_all = k_all.to(q.dtype), v_all.to(q.dtype)
+        if T == 1:  # one new byte sees every cached position: no mask needed
+            y = F.scaled_dot_product_attention(q, k_all, v_all)
+        else:  # a chunk after cached positions: query i sees keys 0 .. start + i
+            mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.proj(y)
 
@@ -153,6 +156,7 @@ class ByteLM(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
+        kernel_ready()  # whether attention can take the C kernel: settled here, outside any compiled code
         for block in self.blocks:  # residual projections scaled down with depth (GPT-2)
             for proj in (block.attn.proj, block.mlp.proj):
                 nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * config.n_layer))

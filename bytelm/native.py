@@ -1,15 +1,17 @@
-"""The optional C library: the decode step (bytelm/csrc/decode_step.c) and the sampler (bytelm/csrc/sample.c),
-compiled on first use, cached, loaded with ctypes.
+"""The optional C library: the decode step (bytelm/csrc/decode_step.c), the sampler (bytelm/csrc/sample.c) and
+the training attention kernel (bytelm/csrc/attention.c), compiled on first use, cached, loaded with ctypes.
 
     lib = decode_kernel()     # a ctypes.CDLL, or None (no C compiler, BYTELM_NATIVE=0, or the build failed)
     why = kernel_status()     # one line: "compiled ...", "loaded from cache ...", or why there is none
 
 Why C and ctypes rather than a torch C++ extension: the step needs no torch headers, so it builds in well
 under a second with the system compiler, and nothing is needed at install time. Everything degrades to
-the pure-torch step in bytelm/decode.py when there is no compiler.
+the pure-torch step in bytelm/decode.py (and attention to torch's scaled_dot_product_attention) when there is
+no compiler.
 
-The library is built with -march=native for the machine it runs on; the cache key includes the source,
-the compiler's name and the CPU's feature flags, so a cache folder shared between machines stays correct.
+The library is built with -march=native for the machine it runs on; the cache key includes the sources and
+headers, the compiler's name and flags and the CPU's feature flags, so a cache folder shared between machines
+stays correct.
 It is written to a temporary name and renamed, so concurrent first uses never load a half-written file, and a
 cached library is loaded only if this user owns it and no one else can write to it or its folder (loading
 a library runs its code, so a shared cache folder must not let another user plant one).
@@ -25,8 +27,12 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-SOURCES = [Path(__file__).with_name("csrc") / name for name in ("decode_step.c", "sample.c")]
-_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-std=c11"]
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("decode_step.c", "sample.c", "attention.c")]
+HEADERS = [Path(__file__).with_name("csrc") / "attend.h"]
+_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c11"]
+# OpenMP threads for the training attention kernel (see bytelm/csrc/attention.c: the library then shares torch's
+# OpenMP runtime); a compiler that can't link OpenMP gets the second form, and the kernel runs on one thread.
+_OPENMP_FLAGS = (["-fopenmp"], ["-fopenmp-simd"])
 
 _lib: ctypes.CDLL | None = None
 _status = "not loaded yet"
@@ -62,8 +68,14 @@ def _compile(compiler: str, out: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=out.name, suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *_FLAGS, *map(str, SOURCES), "-o", tmp, "-lm"], check=True,
-                       stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
+        for i, openmp in enumerate(_OPENMP_FLAGS):
+            try:
+                subprocess.run([compiler, *_FLAGS, *openmp, *map(str, SOURCES), "-o", tmp, "-lm"], check=True,
+                               stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
+                break
+            except subprocess.CalledProcessError:
+                if i == len(_OPENMP_FLAGS) - 1:
+                    raise
         os.chmod(tmp, 0o755)
         os.replace(tmp, out)
     finally:
@@ -99,8 +111,8 @@ def decode_kernel() -> ctypes.CDLL | None:
         _status = "no C compiler found (gcc, cc or clang): using the torch decode step"
         return None
     try:
-        source = b"".join(path.read_bytes() for path in SOURCES)
-        key = hashlib.sha256(source + compiler.encode() + " ".join(_FLAGS).encode()
+        source = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
+        key = hashlib.sha256(source + compiler.encode() + repr((_FLAGS, _OPENMP_FLAGS)).encode()
                              + _cpu_key().encode()).hexdigest()[:16]
         path = _cache_dir() / f"decode_step-{key}.so"
         fresh = not path.exists()
@@ -120,6 +132,13 @@ def decode_kernel() -> ctypes.CDLL | None:
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_float,
                        ctypes.c_int, ctypes.c_double, ctypes.c_double, ctypes.c_double]
+        tensor, stride = ctypes.c_void_p, ctypes.c_long
+        lib.bytelm_attention_supported.restype = ctypes.c_int
+        lib.bytelm_attention_supported.argtypes = []
+        for name, n_out in (("bytelm_attention_forward", 2), ("bytelm_attention_backward", 6)):
+            fn = getattr(lib, name)
+            fn.restype = ctypes.c_int
+            fn.argtypes = [ctypes.c_int] * 4 + [ctypes.c_float, ctypes.c_int] + [tensor, stride] * 3 + [tensor] * n_out
     except (OSError, subprocess.SubprocessError, AttributeError) as e:
         detail = getattr(e, "stderr", b"") or b""
         first = detail.decode(errors="replace").strip().splitlines()[:1]

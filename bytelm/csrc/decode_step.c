@@ -4,7 +4,7 @@
  * call: at batch 1 a step is ~25 small matrix-vector products plus ~150 elementwise operations, and in torch
  * each of those costs microseconds of dispatch. Here the step is bounded by reading the weights once.
  *
- * Built and loaded by bytelm/native.py (gcc or cc, -O3 -march=native -fopenmp-simd); tests/test_decode.py
+ * Built and loaded by bytelm/native.py (gcc or cc, -O3 -march=native -fopenmp); tests/test_decode.py
  * checks it against the reference. Layouts (all row-major, contiguous, float32):
  *   embed (V, C); w_qkv (L, 3C, C); w_proj (L, C, C); w_fc (L, F, C); w_out (L, C, F); head (V, C)
  *   (the last five float, or IEEE half when `half` is set: see bytelm_half_supported)
@@ -15,6 +15,8 @@
  */
 #include <math.h>
 #include <stddef.h>
+
+#include "attend.h"
 
 /* y (rows) = W (rows, cols) @ x (cols) [+ y if accumulate]. Four rows at a time: four independent sums
  * keep the vector units busy while the next rows stream in from memory. */
@@ -41,15 +43,8 @@ static void matvec(const float *restrict w, const float *restrict x, float *rest
     }
 }
 
-#if defined(__F16C__) && defined(__FMA__)
-#include <immintrin.h>
+#if BYTELM_AVX2 && defined(__F16C__)
 #define HAVE_HALF 1
-
-static inline float sum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_hadd_ps(s, s);
-    return _mm_cvtss_f32(_mm_hadd_ps(s, s));
-}
 
 /* matvec with W stored as IEEE half precision (F16C converts 8 at a time to float; sums stay in float):
  * half the bytes to read, and reading the weights is what bounds a step (docs/generation.md). */
@@ -98,25 +93,6 @@ static void rms_norm(const float *restrict x, float *restrict out, int n, float 
     for (int i = 0; i < n; i++) out[i] = x[i] * r;
 }
 
-/* e^x for the attention weights. libm's expf is a scalar call (one per head and cached position, which made
- * it most of a late step); this form vectorizes: e^x = 2^n * e^r with n = round(x / ln 2), |r| <= ln(2)/2,
- * e^r by a degree-7 polynomial (Cephes expf coefficients), 2^n built in the exponent bits. Relative error
- * about 1e-7 for x in [-87, 0], the range used here (scores minus their maximum). */
-static inline float exp_nonpositive(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    float n = floorf(x * 1.44269504f + 0.5f);
-    float r = x - n * 0.693359375f + n * 2.12194440e-4f;  /* ln 2 in two parts, for accuracy */
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    union { int i; float f; } scale = { .i = ((int)n + 127) << 23 };
-    return p * scale.f;
-}
-
 /* One head's attention over the cached positions: y (D) = softmax(q . k_t) . v_t, t < end. kc, vc (end, D);
  * att (end) is scratch. q already carries 1/sqrt(D). y may alias q (q is read first). */
 static void attend_scalar(const float *q, const float *restrict kc, const float *restrict vc, int end, int D,
@@ -147,96 +123,10 @@ static void attend_scalar(const float *q, const float *restrict kc, const float 
     }
 }
 
-#if HAVE_HALF && defined(__AVX2__)  /* F16C, FMA (for the intrinsics and sum8 above) and AVX2 */
-/* The same for head sizes that are a multiple of 8, in AVX2 registers. The scalar form spent ~100 cycles per
- * head and cached position (a late step was mostly attention): per position it reduced a dot product of D
- * across lanes, and kept y in memory. Here eight positions' dot products are reduced together, and y's
- * columns stay in registers, 32 at a time, for the whole pass over the values. */
-static inline __m256 sum_each8(const __m256 *a) {  /* out[j] = sum of a[j]'s 8 lanes */
-    const __m256 ab = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-    const __m256 cd = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
-    return _mm256_add_ps(_mm256_permute2f128_ps(ab, cd, 0x20), _mm256_permute2f128_ps(ab, cd, 0x31));
-}
-
-static inline __m256 exp_nonpositive8(__m256 x) {  /* exp_nonpositive, 8 lanes */
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f),
-                                     _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x));
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-
-/* y[0 : 8 nv] = sum_t att[t] v_t[0 : 8 nv], with nv (1-4) a constant after inlining: y in registers */
-static inline __attribute__((always_inline)) void weighted_values(const float *restrict att,
-                                                                  const float *restrict vc, int end, int D,
-                                                                  int nv, float scale, float *y) {
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int t = 0; t < end; t++) {
-        const __m256 p = _mm256_broadcast_ss(att + t);
-        const float *restrict vt = vc + (size_t)t * D;
-        for (int j = 0; j < nv; j++) acc[j] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vt + 8 * j), acc[j]);
-    }
-    for (int j = 0; j < nv; j++) _mm256_storeu_ps(y + 8 * j, _mm256_mul_ps(acc[j], _mm256_set1_ps(scale)));
-}
-
-static void attend_avx2(const float *q, const float *restrict kc, const float *restrict vc, int end, int D,
-                        float *restrict att, float *y) {
-    int t = 0;
-    for (; t + 8 <= end; t += 8) {  /* scores of positions t..t+7 */
-        __m256 acc[8];
-        for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
-        for (int d = 0; d < D; d += 8) {
-            const __m256 qv = _mm256_loadu_ps(q + d);
-            for (int j = 0; j < 8; j++)
-                acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(kc + (size_t)(t + j) * D + d), qv, acc[j]);
-        }
-        _mm256_storeu_ps(att + t, sum_each8(acc));
-    }
-    for (; t < end; t++) {
-        __m256 acc = _mm256_setzero_ps();
-        for (int d = 0; d < D; d += 8)
-            acc = _mm256_fmadd_ps(_mm256_loadu_ps(kc + (size_t)t * D + d), _mm256_loadu_ps(q + d), acc);
-        att[t] = sum8(acc);
-    }
-    float top = att[0];
-    for (t = 1; t < end; t++) top = att[t] > top ? att[t] : top;
-    const __m256 top8 = _mm256_set1_ps(top);
-    __m256 total8 = _mm256_setzero_ps();
-    for (t = 0; t + 8 <= end; t += 8) {
-        const __m256 e = exp_nonpositive8(_mm256_sub_ps(_mm256_loadu_ps(att + t), top8));
-        _mm256_storeu_ps(att + t, e);
-        total8 = _mm256_add_ps(total8, e);
-    }
-    float total = sum8(total8);
-    for (; t < end; t++) { att[t] = exp_nonpositive(att[t] - top); total += att[t]; }
-    const float inv_total = 1.0f / total;
-    for (int c = 0; c < D; c += 32) {  /* q is fully read above, so y may overwrite it */
-        switch ((D - c) / 8) {
-            case 1: weighted_values(att, vc + c, end, D, 1, inv_total, y + c); break;
-            case 2: weighted_values(att, vc + c, end, D, 2, inv_total, y + c); break;
-            case 3: weighted_values(att, vc + c, end, D, 3, inv_total, y + c); break;
-            default: weighted_values(att, vc + c, end, D, 4, inv_total, y + c); break;
-        }
-    }
-}
-#define HAVE_AVX2 1
-#else
-#define HAVE_AVX2 0
-#endif
-
 static void attend(const float *q, const float *restrict kc, const float *restrict vc, int end, int D,
                    float *restrict att, float *y) {
-#if HAVE_AVX2
-    if (D % 8 == 0) { attend_avx2(q, kc, vc, end, D, att, y); return; }
+#if BYTELM_AVX2
+    if (D % 8 == 0) { attend_row(q, kc, D, vc, D, end, D, 1.0f, att, y); return; }  /* see attend.h */
 #endif
     attend_scalar(q, kc, vc, end, D, att, y);
 }
