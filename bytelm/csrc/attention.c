@@ -195,18 +195,14 @@ static void backward_pair(const Job *j, int b, int h) {
                 gd[r] = _mm256_loadu_ps(gr[r] + d);
             }
             for (int t = 0; t < n; t++) {
-                float *dkt = dk + (size_t)t * row + d;
-                __m256 acc = _mm256_loadu_ps(dkt);
-                for (int r = 0; r < ROWS; r++)
-                    acc = _mm256_fmadd_ps(_mm256_broadcast_ss(ds + (size_t)r * tp + t), qd[r], acc);
-                _mm256_storeu_ps(dkt, acc);
-            }
-            for (int t = 0; t < n; t++) {
-                float *dvt = dv + (size_t)t * row + d;
-                __m256 acc = _mm256_loadu_ps(dvt);
-                for (int r = 0; r < ROWS; r++)
-                    acc = _mm256_fmadd_ps(_mm256_broadcast_ss(p + (size_t)r * tp + t), gd[r], acc);
-                _mm256_storeu_ps(dvt, acc);
+                float *dkt = dk + (size_t)t * row + d, *dvt = dv + (size_t)t * row + d;
+                __m256 k_acc = _mm256_loadu_ps(dkt), v_acc = _mm256_loadu_ps(dvt);
+                for (int r = 0; r < ROWS; r++) {
+                    k_acc = _mm256_fmadd_ps(_mm256_broadcast_ss(ds + (size_t)r * tp + t), qd[r], k_acc);
+                    v_acc = _mm256_fmadd_ps(_mm256_broadcast_ss(p + (size_t)r * tp + t), gd[r], v_acc);
+                }
+                _mm256_storeu_ps(dkt, k_acc);
+                _mm256_storeu_ps(dvt, v_acc);
             }
         }
     }
