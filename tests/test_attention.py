@@ -2,6 +2,7 @@
 scaled_dot_product_attention, outputs and gradients, on the layouts the model hands it; the model's loss and
 gradients the same either way, eager and compiled; and torch's path wherever the kernel does not apply."""
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -103,3 +104,22 @@ def test_without_the_c_library_the_model_uses_torch_attention(tmp_path):
     assert done.returncode == 0, done.stderr
     ready, loss = done.stdout.split()
     assert ready == "False" and 4.0 < float(loss) < 7.0
+
+
+@pytest.mark.skipif(not shutil.which("gcc") or not hasattr(os, "getuid"), reason="needs gcc and a POSIX shell")
+def test_a_compiler_without_openmp_still_builds_the_kernel(tmp_path):
+    """The library is built with -fopenmp where the compiler can link it, else without: the kernel then runs on
+    one thread and gives the same results."""
+    fake = tmp_path / "cc-no-openmp"
+    fake.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = "-fopenmp" ] && { echo "no libgomp" >&2; exit 1; }; done\n'
+                    'exec gcc "$@"\n')
+    fake.chmod(0o755)
+    code = ("import torch, torch.nn.functional as F\nimport bytelm.attention as a\n"
+            "q, k, v = torch.randn(2, 20, 3, 2, 8).unbind(2)\n"
+            "ref = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=True)\n"
+            "print(a.kernel_ready(), (a.causal_attention(q, k, v) - ref.transpose(1, 2)).abs().max().item())\n")
+    env = dict(os.environ, BYTELM_CACHE=str(tmp_path / "cache"), CC=str(fake))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    ready, worst = done.stdout.split()
+    assert ready == "True" and float(worst) < 1e-5
