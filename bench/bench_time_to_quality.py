@@ -70,7 +70,8 @@ def main() -> None:
     runs = [one_run(args.data, args.budget, overrides if seed is None else {**overrides, "seed": seed})
             for seed in seeds]
     cfg = runs[0]["cfg"]
-    shape = (f"bytelm {cfg.n_layer}x{cfg.n_head}x{cfg.n_embd}, batch {cfg.batch_size} x {cfg.seq_len}"
+    shape = (f"bytelm {cfg.n_layer}x{cfg.n_head}x{cfg.n_embd}" + (", value embeddings" if cfg.value_embeds else "")
+             + f", batch {cfg.batch_size} x {cfg.seq_len}"
              + (f" ({cfg.short_seq_share:.0%} of steps at {cfg.batch_size * cfg.seq_len // cfg.short_seq_len} x "
                 f"{cfg.short_seq_len})" if cfg.short_seq_len else "")
              + f", compile {cfg.compile}")
@@ -96,7 +97,7 @@ def one_run(data: str, budget: float, overrides: dict) -> dict:
     on the whole validation split, over consecutive windows and over a sliding window."""
     out = Path(tempfile.mkdtemp(prefix="bytelm-ttq-")) / "model.pt"
     cfg = TrainConfig(**{**dict(data=data), **overrides})  # just the model shape, for the reserve
-    reserve = final_eval_reserve(ByteLM(cfg.model_config()).num_params())
+    reserve = final_eval_reserve(ByteLM(cfg.model_config()).matmul_params())
     cfg = TrainConfig(**{**dict(data=data, val_fraction=0.1, out=str(out), steps=100_000, plot=False,
                                 sample_bytes=0, eval_every=200, save_every=200,  # resume state at evaluations only
                                 time_budget=budget - reserve),

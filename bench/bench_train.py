@@ -32,7 +32,7 @@ from bytelm.optim import build_optimizers  # noqa: E402
 
 def flops_per_byte(model: ByteLM, seq_len: int) -> float:
     c = model.config
-    return 6 * model.num_params() + 12 * c.n_layer * c.n_embd * seq_len
+    return 6 * model.matmul_params() + 12 * c.n_layer * c.n_embd * seq_len
 
 
 def time_steps(cfg: ModelConfig, batch: int, seq_len: int, dtype: str, compile_model: bool,

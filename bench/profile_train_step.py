@@ -33,12 +33,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--eager", action="store_true", help="no torch.compile")
+    ap.add_argument("--value-embeds", action="store_true", help="the model with value embeddings")
     args = ap.parse_args()
     if args.steps <= args.warmup:
         ap.error(f"--steps ({args.steps}) must exceed --warmup ({args.warmup}): only the steps after it are timed")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = ByteLM(ModelConfig(n_layer=args.layers, n_head=args.heads, n_embd=args.width, block_size=args.seq))
+    model = ByteLM(ModelConfig(n_layer=args.layers, n_head=args.heads, n_embd=args.width, block_size=args.seq,
+                                value_embeds=args.value_embeds))
     optimizers = build_optimizers(model, muon_lr=0.01, adam_lr=0.001)
     model.compile_blocks(not args.eager)  # as training does: bytelm.training
     x = torch.randint(0, 256, (args.batch, args.seq))

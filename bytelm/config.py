@@ -25,6 +25,10 @@ class ModelConfig:
     n_embd: int = 192  # width giving about 2.7M parameters with the defaults (brief: about 2.5M)
     block_size: int = 512  # context window in bytes (upstream); generation slides past it
     mlp_ratio: int = 4  # hidden width of the MLP as a multiple of n_embd (GPT-2 convention)
+    # A second byte table per layer, added to that layer's attention values (modded-nanogpt's "value
+    # embeddings"): every layer sees the raw byte again. Off by default, so checkpoints written before it load
+    # as they were; `train.py --value-embeds` turns it on. docs/training.md, "Value embeddings".
+    value_embeds: bool = False
     tie_embeddings: bool = True  # share input embedding and output head: 49k fewer parameters, no loss at vocab 256
     rope_base: float = 10000.0  # rotary frequency base (RoFormer / LLaMA default)
     norm_eps: float = 1e-6  # RMSNorm epsilon
@@ -55,8 +59,9 @@ class ModelConfig:
             bad(f"block_size must be in 1..{_MAX_CONTEXT}, got {self.block_size}")
         if not 1 <= self.mlp_ratio <= 16:
             bad(f"mlp_ratio must be in 1..16, got {self.mlp_ratio}")
-        if not isinstance(self.tie_embeddings, bool):
-            bad("tie_embeddings must be true or false")
+        for name in ("tie_embeddings", "value_embeds"):
+            if not isinstance(getattr(self, name), bool):
+                bad(f"{name} must be true or false")
         # finite too: rope_base=inf passed `> 1` and silently turned rotary positions off (all angles 0)
         if not (isinstance(self.rope_base, (int, float)) and not isinstance(self.rope_base, bool)
                 and 1 < self.rope_base < math.inf):

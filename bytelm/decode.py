@@ -40,6 +40,10 @@ class FastDecoder:
         self.qk_eps = torch.finfo(p.dtype).eps
         with torch.no_grad():
             self.embed = p.detach().clone()  # (V, C)
+            # Value embeddings (ModelConfig.value_embeds), (V, L, C): each layer's row is added to its values.
+            ve = model.value_embed
+            self.value_embed = (ve.weight.detach().view(cfg.vocab_size, cfg.n_layer, cfg.n_embd).contiguous()
+                                if ve is not None else None)
             blocks = model.blocks
             # Stacked over layers, so the C step takes one pointer per kind: (L, rows, cols) each.
             self.w_qkv = torch.stack([b.attn.qkv.weight * b.norm1.weight for b in blocks])  # (L, 3C, C)
@@ -77,6 +81,7 @@ class FastDecoder:
                 self._matrices = matrices  # kept alive: the kernel reads them by address
                 tensors = (self.embed, *matrices, self.cos, self.sin)
                 self._pointers = [t.data_ptr() for t in tensors]
+                self._pointers.append(self.value_embed.data_ptr() if self.value_embed is not None else None)
 
     @property
     def native(self) -> bool:
@@ -96,7 +101,8 @@ class FastDecoder:
         H, D = self.n_head, self.head_dim
         end = pos + 1
         cos, sin = self.cos[pos], self.sin[pos]  # (2, 1, D)
-        x = self.embed[int(byte)]  # (C,)
+        byte = int(byte)
+        x = self.embed[byte]  # (C,)
         for i, (w_qkv, w_proj, w_fc, w_out) in enumerate(zip(self.w_qkv, self.w_proj, self.w_fc, self.w_out)):
             h = x * torch.rsqrt(x.square().mean().add_(self.eps))  # RMSNorm without its weight (folded)
             qkv = torch.mv(w_qkv, h).view(3, H, D)
@@ -105,7 +111,7 @@ class FastDecoder:
             qk = torch.addcmul(qk * cos, qk.roll(D // 2, -1), sin)  # rotary; q also scaled by 1/sqrt(D)
             k_layer, v_layer = cache.k[i, 0], cache.v[i, 0]  # (H, max_len, D)
             k_layer[:, pos] = qk[1]
-            v_layer[:, pos] = qkv[2]
+            v_layer[:, pos] = qkv[2] if self.value_embed is None else qkv[2] + self.value_embed[byte, i].view(H, D)
             att = torch.bmm(k_layer[:, :end], qk[0].unsqueeze(-1)).softmax(1)  # (H, end, 1)
             y = torch.bmm(att.transpose(1, 2), v_layer[:, :end])  # (H, 1, D)
             x = torch.addmv(x, w_proj, y.view(-1))

@@ -52,23 +52,27 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+                cache: KVCache | None = None, layer: int = 0, ve: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, T, C); ve: (B, T, C) this layer's value embeddings of the input bytes, or None."""
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim)
         # Queries and keys are normalised and rotated together: half the elementwise calls, which is most of
         # the cost of a one-byte decode step.
         # QK-norm keeps attention logits bounded, which lets Muon use a high learning rate safely.
         qk = apply_rotary(F.rms_norm(qkv[:, :, :2], (self.head_dim,)), cos, sin)  # (B, T, 2, H, D)
+        v = qkv[:, :, 2]  # (B, T, H, D)
+        if ve is not None:
+            v = v + ve.view(B, T, self.n_head, self.head_dim)
 
         if cache is None or cache.pos == 0:
             if cache is not None:  # prefill: store, then attend causally within the new block
                 cache.k[layer, :, :, :T] = qk[:, :, 1].transpose(1, 2)
-                cache.v[layer, :, :, :T] = qkv[:, :, 2].transpose(1, 2)
+                cache.v[layer, :, :, :T] = v.transpose(1, 2)
             # (B, T, H, D) views read in place: the C kernel where it applies, else torch's (bytelm.attention)
-            y = causal_attention(qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2]).reshape(B, T, C)
+            y = causal_attention(qk[:, :, 0], qk[:, :, 1], v).reshape(B, T, C)
             return self.proj(y)
         q, k = qk.transpose(1, 3).unbind(2)  # each (B, H, T, D)
-        v = qkv[:, :, 2].transpose(1, 2)  # (B, H, T, D)
+        v = v.transpose(1, 2)  # (B, H, T, D)
         # Later chunks with the KV cache: every cached position plus the new ones
         start, end = cache.pos, cache.pos + T
         cache.k[layer, :, :, start:end] = k
@@ -132,8 +136,8 @@ class Block(nn.Module):
         self.norm2 = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, cache=None, layer=0):
-        x = x + self.attn(self.norm1(x), cos, sin, cache, layer)
+    def forward(self, x, cos, sin, cache=None, layer=0, ve=None):
+        x = x + self.attn(self.norm1(x), cos, sin, cache, layer, ve)
         return x + self.mlp(self.norm2(x))
 
 
@@ -145,6 +149,9 @@ class ByteLM(nn.Module):
         config.validate()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.n_embd)
+        # Every layer's value embeddings in one table, (V, L * C): one lookup per forward instead of L.
+        self.value_embed = (nn.Embedding(config.vocab_size, config.n_layer * config.n_embd)
+                            if config.value_embeds else None)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm_f = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
         self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -191,6 +198,11 @@ class ByteLM(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights counted once
 
+    def matmul_params(self) -> int:
+        """Parameters that take part in matrix products, i.e. the ones that cost 6 FLOPs per byte in training:
+        all but the value-embedding table, which is only looked up (the tied embedding is also the head)."""
+        return self.num_params() - (self.value_embed.weight.numel() if self.value_embed is not None else 0)
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None, last_only: bool = False):
         """idx: (B, T) byte values. targets: (B, T) or None. cache: KVCache to read and extend, or None.
@@ -205,9 +217,11 @@ class ByteLM(nn.Module):
         cos = self.rope_cos[start:start + T]
         sin = self.rope_sin[start:start + T]
         x = self.embed(idx)  # (B, T, C)
+        ves = (self.value_embed(idx).chunk(len(self.blocks), dim=-1) if self.value_embed is not None
+               else [None] * len(self.blocks))  # each (B, T, C) or None
         blocks = self._compiled_blocks if self._compiled_blocks and self.training and cache is None else self.blocks
-        for i, block in enumerate(blocks):
-            x = block(x, cos, sin, cache, i)
+        for i, (block, ve) in enumerate(zip(blocks, ves)):
+            x = block(x, cos, sin, cache, i, ve)
         if cache is not None:
             cache.pos += T
         x = self.norm_f(x)

@@ -125,7 +125,7 @@ def decode_kernel() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(path))
         fn = lib.bytelm_decode_step
         fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_int] * 9 + [ctypes.c_float] * 2 + [ctypes.c_void_p] * 12
+        fn.argtypes = [ctypes.c_int] * 9 + [ctypes.c_float] * 2 + [ctypes.c_void_p] * 13
         lib.bytelm_half_supported.restype = ctypes.c_int
         lib.bytelm_half_supported.argtypes = []
         fn = lib.bytelm_sample

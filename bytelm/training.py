@@ -85,6 +85,8 @@ class TrainConfig:
     n_embd: int = _arg(ModelConfig.n_embd, "model width", "model")  # upstream shape, 192
     block_size: int = _arg(0, "context window the model is built for (0: seq_len)",
                            "model")  # RoPE only learns the positions it is trained on
+    value_embeds: bool = _arg(False, "give every layer a byte table added to its attention values (value embeddings)",
+                              "model")  # docs/training.md, "Value embeddings"
     # length and batch
     steps: int = _arg(1000, "total optimizer steps of the run; a resumed run continues toward it",
                       "run")  # ~0.6 s each on 2 idle CPU cores: ~10 min; --time-budget trims it when slower
@@ -191,7 +193,7 @@ class TrainConfig:
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd,
-                           block_size=self.block_size or self.seq_len)
+                           block_size=self.block_size or self.seq_len, value_embeds=self.value_embeds)
 
 
 # Named starting points; flags override them. "default" is TrainConfig's own defaults.

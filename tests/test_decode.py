@@ -71,6 +71,17 @@ def test_fast_step_other_shapes(native):
     assert worst < 1e-4
 
 
+@pytest.mark.parametrize("native", [False, True], ids=["torch", "C"])
+def test_fast_step_with_value_embeddings(native):
+    """Each layer adds its row of the byte's value table to the values it caches (ModelConfig.value_embeds)."""
+    model = perturbed_model(seed=5, value_embeds=True)
+    decoder = FastDecoder(model, native=native)
+    assert decoder.native == (native and HAS_COMPILER)
+    worst, ref, fast = run_both(model, decoder, prefill=3, steps=30)
+    assert worst < 1e-4
+    torch.testing.assert_close(fast.v, ref.v, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("shape", [dict(n_head=4, n_embd=96, block_size=45), dict(n_head=2, n_embd=80, block_size=21),
                                    dict(n_head=1, n_embd=16, block_size=19)], ids=["D24", "D40", "D16"])
 def test_fast_step_head_sizes_of_the_vector_attention(shape):

@@ -52,9 +52,10 @@ def test_untrained_loss_is_near_uniform():
     assert abs(loss.item() - math.log(256)) < 0.15, loss.item()
 
 
-def test_kv_cache_prefill_chunks_and_steps_match_full_recompute():
+@pytest.mark.parametrize("value_embeds", [False, True], ids=["plain", "value-embeds"])
+def test_kv_cache_prefill_chunks_and_steps_match_full_recompute(value_embeds):
     torch.manual_seed(0)
-    model = ByteLM(ModelConfig(**TINY)).eval()
+    model = ByteLM(ModelConfig(**TINY, value_embeds=value_embeds)).eval()
     idx = torch.randint(0, 256, (2, 50))
     full, _ = model(idx)
     cache = model.new_cache(batch_size=2)
@@ -115,3 +116,21 @@ def test_training_mlp_matches_the_reference_and_saves_less():
         torch.testing.assert_close(a, b)
     hidden = 3 * 10 * 4 * 32
     assert sum(n for n in saved if n == hidden) == hidden  # one (N, 4C) activation kept, not two or three
+
+
+def test_value_embeddings_feed_each_layer_the_byte_itself():
+    """With value embeddings on, each layer's values get its own row of the byte's table: changing one layer's
+    rows changes the output, and a model without them has no such table (older checkpoints load unchanged)."""
+    torch.manual_seed(0)
+    model = ByteLM(ModelConfig(**TINY, value_embeds=True)).eval()
+    L, C = model.config.n_layer, model.config.n_embd
+    assert model.value_embed.weight.shape == (256, L * C)
+    idx = torch.randint(0, 256, (1, 20))
+    before, _ = model(idx)
+    with torch.no_grad():
+        model.value_embed.weight[:, C:2 * C] += 1.0  # layer 1's rows only
+    after, _ = model(idx)
+    assert (after - before).abs().max() > 1e-3
+    assert ByteLM(ModelConfig(**TINY)).value_embed is None
+    assert ModelConfig.from_dict({k: v for k, v in ModelConfig(**TINY).to_dict().items()
+                                  if k != "value_embeds"}).value_embeds is False  # a checkpoint from before

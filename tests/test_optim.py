@@ -13,8 +13,9 @@ HIDDEN = {"attn.qkv.weight", "attn.proj.weight", "mlp.fc.weight", "mlp.proj.weig
 
 
 @pytest.mark.parametrize("config", [TINY, ModelConfig(), ModelConfig(n_layer=3, n_head=2, n_embd=32,
-                                                                       tie_embeddings=False)],
-                         ids=["tiny", "default", "untied"])
+                                                                       tie_embeddings=False),
+                                    ModelConfig(n_layer=3, n_head=2, n_embd=32, value_embeds=True)],
+                         ids=["tiny", "default", "untied", "value-embeds"])
 def test_muon_gets_exactly_the_hidden_matrices_and_every_parameter_one_group(config):
     with torch.device("meta"):
         model = ByteLM(config)
@@ -25,6 +26,7 @@ def test_muon_gets_exactly_the_hidden_matrices_and_every_parameter_one_group(con
     adam_names = {n for n, _ in adamw}
     assert "embed.weight" in adam_names and "norm_f.weight" in adam_names
     assert ("head.weight" in adam_names) == (not config.tie_embeddings)  # tied head is embed.weight
+    assert ("value_embed.weight" in adam_names) == config.value_embeds  # a lookup table, not a hidden matrix
     ids = [id(p) for _, p in muon + adamw]
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
 

@@ -9,6 +9,7 @@
  *   embed (V, C); w_qkv (L, 3C, C); w_proj (L, C, C); w_fc (L, F, C); w_out (L, C, F); head (V, C)
  *   (the last five float, or IEEE half when `half` is set: see bytelm_half_supported)
  *   rope_cos, rope_sin (T, 2, D): per position, a row for queries (scaled by 1/sqrt(D)) and one for keys
+ *   value_embed (V, L, C) or NULL: each layer's row for the byte, added to its values (ModelConfig.value_embeds)
  *   k_cache, v_cache (L, H, max_len, D): the KVCache tensors of batch 1
  *   scratch: at least 5C + max(F, max_len) floats; logits (V)
  * RMSNorm weights are already folded into w_qkv, w_fc and head (see decode.py).
@@ -146,7 +147,7 @@ int bytelm_decode_step(int n_layer, int C, int H, int F, int V, int max_len, int
                        float eps, float qk_eps,
                        const float *embed, const void *w_qkv, const void *w_proj, const void *w_fc,
                        const void *w_out, const void *head, const float *rope_cos, const float *rope_sin,
-                       float *k_cache, float *v_cache, float *scratch, float *logits) {
+                       const float *value_embed, float *k_cache, float *v_cache, float *scratch, float *logits) {
     if (pos < 0 || pos >= max_len || byte < 0 || byte >= V || C % H || (half && !HAVE_HALF)) return 1;
     const int D = C / H, end = pos + 1;
     float *x = scratch;              /* (C) the residual stream */
@@ -167,6 +168,10 @@ int bytelm_decode_step(int n_layer, int C, int H, int F, int V, int max_len, int
             norm_rotate(k, cos_k, sin_k, D, qk_eps, h);
             float *kc = k_cache + (((size_t)l * H + hd) * max_len) * D;  /* (max_len, D) */
             float *vc = v_cache + (((size_t)l * H + hd) * max_len) * D;
+            if (value_embed) {
+                const float *ve = value_embed + ((size_t)byte * n_layer + l) * C + hd * D;
+                for (int i = 0; i < D; i++) v[i] += ve[i];
+            }
             for (int i = 0; i < D; i++) { kc[(size_t)pos * D + i] = k[i]; vc[(size_t)pos * D + i] = v[i]; }
             attend(q, kc, vc, end, D, hidden, q);  /* the head's output goes in place of q */
         }
