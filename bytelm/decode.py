@@ -42,8 +42,8 @@ class FastDecoder:
             self.embed = p.detach().clone()  # (V, C)
             # Value embeddings (ModelConfig.value_embeds), (V, L, C): each layer's row is added to its values.
             ve = model.value_embed
-            self.value_embed = (ve.weight.detach().view(cfg.vocab_size, cfg.n_layer, cfg.n_embd).contiguous()
-                                if ve is not None else None)
+            self.value_embed = (ve.weight.detach().view(cfg.vocab_size, cfg.n_layer, cfg.n_embd).clone()
+                                if ve is not None else None)  # a copy, like every other weight here
             blocks = model.blocks
             # Stacked over layers, so the C step takes one pointer per kind: (L, rows, cols) each.
             self.w_qkv = torch.stack([b.attn.qkv.weight * b.norm1.weight for b in blocks])  # (L, 3C, C)
