@@ -31,6 +31,11 @@ _MUON_NAME = re.compile(r"^blocks\.\d+\.(attn|mlp)\.[A-Za-z_]\w*\.weight$")
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_STEPS = 5
 
+# Muon's momentum (torch's default, with Nesterov), and where the training loop's warmup of it starts
+# (bytelm.training.muon_momentum; modded-nanogpt's schedule).
+MOMENTUM = 0.95
+MOMENTUM_START = 0.85
+
 
 def newton_schulz(grad: torch.Tensor, coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
                   steps: int = NS_STEPS, eps: float = 1e-7, dtype: torch.dtype = torch.float32,
@@ -167,7 +172,7 @@ def split_params(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], list
 
 def build_optimizers(model: nn.Module, *, muon_lr: float, adam_lr: float, muon_weight_decay: float = 0.1,
                      adam_weight_decay: float = 0.0, adam_betas: tuple[float, float] = (0.9, 0.95),
-                     momentum: float = 0.95, ns_dtype: torch.dtype | None = None) -> list[torch.optim.Optimizer]:
+                     momentum: float = MOMENTUM, ns_dtype: torch.dtype | None = None) -> list[torch.optim.Optimizer]:
     """[Muon over the hidden matrices, AdamW over the rest]. ns_dtype None: bf16 where it is fast, else fp32."""
     muon_params, adamw_params = split_params(model)
     if ns_dtype is None:

@@ -6,7 +6,7 @@ import bytelm.optim as optim_mod
 from bytelm.config import ModelConfig
 from bytelm.model import ByteLM
 from bytelm.optim import Muon, build_optimizers, newton_schulz, split_params
-from bytelm.training import lr_scale
+from bytelm.training import lr_scale, muon_momentum
 
 TINY = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64)
 HIDDEN = {"attn.qkv.weight", "attn.proj.weight", "mlp.fc.weight", "mlp.proj.weight"}
@@ -146,6 +146,14 @@ def test_lr_schedule_warms_up_holds_then_decays_to_zero():
 
 def test_lr_schedule_without_warmup_or_cooldown_is_flat():
     assert {lr_scale(s, 50, 0, 0.0) for s in range(50)} == {1.0}
+
+
+def test_muon_momentum_rises_from_0_85_to_0_95_over_its_warmup_then_holds():
+    curve = [muon_momentum(s, 300) for s in range(400)]
+    assert curve[0] == pytest.approx(0.85) and curve[150] == pytest.approx(0.90)
+    assert all(a < b for a, b in zip(curve[:300], curve[1:301]))  # rises every step of the warmup
+    assert curve[300:] == pytest.approx([0.95] * 100)
+    assert {muon_momentum(s, 0) for s in range(10)} == {0.95}  # warmup off: torch's default throughout
 
 
 def test_newton_schulz_of_a_stack_orthogonalises_each_matrix_alone():

@@ -132,6 +132,16 @@ def test_resume_from_the_cli_takes_the_saved_settings_and_new_steps(tmp_path, co
     assert [r["step"] for r in read_metrics(RunPaths.for_out(out).metrics) if "loss" in r] == list(range(1, 15))
 
 
+@pytest.mark.parametrize("momentum_warmup", [0, 10])
+def test_training_sets_muons_momentum_from_its_warmup(tmp_path, corpus_file, momentum_warmup):
+    cfg = tiny(tmp_path, corpus_file, steps=5, eval_every=5, save_every=5, sample_bytes=0,
+               momentum_warmup=momentum_warmup)
+    train(cfg, progress=False)
+    muon_state = read_checkpoint(RunPaths.for_out(cfg.out).last)["train_state"]["optimizers"][0]
+    # the momentum the last update (after step 4) used: 0.85 + 0.1 * 4 / 10, or 0.95 without the warmup
+    assert muon_state["param_groups"][0]["momentum"] == pytest.approx(0.89 if momentum_warmup else 0.95)
+
+
 def test_out_that_exists_without_resume_is_a_clear_error_and_stays_untouched(tmp_path, corpus_file, capsys):
     out = tmp_path / "m.pt"
     out.write_bytes(b"precious weights")
