@@ -42,7 +42,12 @@ def uses_kernel(q: Tensor, k: Tensor, v: Tensor) -> bool:
 def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """softmax(q k^T / sqrt(D), causal) v for q, k, v (B, T, H, D): (B, T, H, D)."""
     if uses_kernel(q, k, v):
-        return torch.ops.bytelm.causal_attention(q, k, v)[0]
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
+                                                                           or v.requires_grad)):
+            return torch.ops.bytelm.causal_attention(q, k, v)[0]
+        # No gradient wanted (evaluation, prefill): the kernel directly. The custom op's first call in a process
+        # imports torch._dynamo, about 2 s on this machine, which every generation CLI would wait for.
+        return _kernel_forward(q, k, v)[0]
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
     return y.transpose(1, 2)
 
@@ -63,8 +68,7 @@ def _check(code: int) -> None:
         raise RuntimeError("the attention kernel does not support these tensors")
 
 
-@torch.library.custom_op("bytelm::causal_attention", mutates_args=(), device_types="cpu")
-def _attention(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+def _kernel_forward(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """(out (B, T, H, D), lse (B, H, T)): lse is each query's log softmax normaliser, for the backward."""
     q, k, v = _rows(q), _rows(k), _rows(v)
     B, T, H, D = q.shape
@@ -73,6 +77,12 @@ def _attention(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
                                          q.data_ptr(), q.stride(1), k.data_ptr(), k.stride(1),
                                          v.data_ptr(), v.stride(1), out.data_ptr(), lse.data_ptr()))
     return out, lse
+
+
+@torch.library.custom_op("bytelm::causal_attention", mutates_args=(), device_types="cpu")
+def _attention(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """The kernel's forward as an op that autograd and torch.compile see as one call."""
+    return _kernel_forward(q, k, v)
 
 
 @_attention.register_fake

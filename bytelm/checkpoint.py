@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from .config import ModelConfig
 from .errors import BytelmError, CheckpointError
@@ -225,6 +226,19 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     return ckpt
 
 
+class _SkipRandomInit(TorchFunctionMode):
+    """Leaves a tensor as it is where a module would fill it with random numbers: for building a model on the
+    meta device, which has no values to fill. Why: torch's meta normal_ is a Python reference whose first call
+    imports torch._dynamo, about 2 s here, which every program that loads a checkpoint would wait for.
+    Thread-local, like every torch function mode."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.init.normal_ or func is torch.Tensor.normal_:
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
+
+
 def check_weights(path: str | os.PathLike, config: ModelConfig, state: dict) -> None:
     """Check that `state` fits a ByteLM of `config` before any memory is allocated for the model.
 
@@ -233,7 +247,7 @@ def check_weights(path: str | os.PathLike, config: ModelConfig, state: dict) -> 
     5 KB file could pass for a model of gigabytes. The weights' storages must therefore really hold (at
     least half precision) as many bytes as the model will allocate: what we build is bounded by the file.
     """
-    with torch.device("meta"):
+    with torch.device("meta"), _SkipRandomInit():
         meta_model = ByteLM(config)
     expected = meta_model.state_dict()
     for name, t in expected.items():

@@ -170,9 +170,12 @@ class ByteLM(nn.Module):
 
     @staticmethod
     def _rotary_tables(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        # On the CPU even under a meta device context (checkpoint.check_weights): they are not weights, and a
+        # meta arange would import torch._dynamo (about 2 s). .to(device) moves them with the model.
         half = config.head_dim // 2
-        inv_freq = 1.0 / (config.rope_base ** (torch.arange(half, dtype=torch.float32) / half))
-        angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32), inv_freq)  # (T, D/2)
+        inv_freq = 1.0 / (config.rope_base ** (torch.arange(half, dtype=torch.float32, device="cpu") / half))
+        positions = torch.arange(config.block_size, dtype=torch.float32, device="cpu")
+        angles = torch.outer(positions, inv_freq)  # (T, D/2)
         return angles.cos()[:, None, None, :], angles.sin()[:, None, None, :]  # (T, 1, 1, D/2)
 
     @staticmethod

@@ -50,6 +50,18 @@ def test_kernel_matches_torch_outputs_and_gradients(B, T, H, D):
 
 
 @needs_kernel
+@pytest.mark.parametrize("no_grad", [torch.no_grad, torch.inference_mode])
+def test_kernel_without_autograd_gives_the_same_output(no_grad):
+    """Evaluation and prefill call the kernel directly, not through the custom op: the same numbers."""
+    q, k, v = fused_qkv(2, 37, 3, 16, seed=1)
+    want = attention.causal_attention(*(t.clone().requires_grad_() for t in (q, k, v)))
+    with no_grad():
+        got = attention.causal_attention(q, k, v)
+    torch.testing.assert_close(got, want.detach(), atol=0, rtol=0)
+    torch.testing.assert_close(got, reference(q, k, v), atol=2e-5, rtol=1e-4)
+
+
+@needs_kernel
 def test_kernel_under_torch_library_checks():
     """The custom op's registration (fake tensors for compile, autograd, schemas) is consistent."""
     q, k, v = (t.contiguous().requires_grad_() for t in fused_qkv(2, 12, 2, 8, seed=0))

@@ -316,3 +316,17 @@ def test_demo_without_a_model_says_how_to_train_one():
                        text=True, timeout=60)
     assert r.returncode != 0 and "python train.py" in r.stderr
     assert "Traceback" not in r.stderr and r.stdout == ""
+
+
+def test_loading_and_generating_do_not_import_the_compiler(tiny_checkpoint):
+    """torch._dynamo takes about 2 s to import here, and generation needs nothing from it; it came in through
+    the attention custom op's first call and through checking a checkpoint's weights against a meta-device
+    model. Every CLI that loads a model would wait for it before the first byte."""
+    code = ("import sys\nfrom bytelm.generation import ByteLevelGenerator, InferenceConfig\n"
+            f"g = ByteLevelGenerator({str(tiny_checkpoint)!r}, InferenceConfig(max_new_bytes=80, "
+            "stop_at_separator=False), device='cpu')\n"
+            "n = sum(1 for _ in g.stream_bytes(b'hello'))\n"
+            "print(n, 'torch._dynamo' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["80", "False"]  # 80 bytes: past the 64-byte window, so a second prefill
