@@ -5,10 +5,12 @@ applies, torch's scaled_dot_product_attention everywhere else.
 
 The kernel runs on CPUs with AVX2 and FMA, for fp32 tensors and head sizes that are a multiple of 8 (24 in the
 default model, 40 in 4x4x160); it is a torch custom op with its own backward, so torch.compile and autograd
-treat it as one opaque call. Why it exists: at the shapes trained here torch's CPU attention runs at a fraction
-of the machine's peak (docs/training.md, "Attention"). `kernel_ready()` resolves, once per process and outside
-any compiled code, whether the C library is there (ByteLM's constructor calls it); BYTELM_NATIVE=0 turns it off
-with the rest of the C code. tests/test_attention.py checks outputs and gradients against torch's.
+treat it as one opaque call. Where no gradient is wanted it is called directly instead, which spares the first
+generation in a process the import of torch._dynamo (about 2 s). Why it exists: at the shapes trained here
+torch's CPU attention runs at a fraction of the machine's peak (docs/training.md, "Attention"). `kernel_ready()`
+resolves, once per process and outside any compiled code, whether the C library is there (ByteLM's constructor
+calls it); BYTELM_NATIVE=0 turns it off with the rest of the C code. tests/test_attention.py checks outputs and
+gradients against torch's.
 """
 from __future__ import annotations
 
