@@ -13,6 +13,11 @@ without bf16 dot products that is ~20x slower than fp32 (measured on the 2-core 
 spent 4.5 s per step in bf16 NS against ~0.2 s in fp32). So where bf16 is slow, `Muon` does the same
 update with the iteration in fp32; where bf16 is fast it calls torch's own step unchanged. The state
 layout (one `momentum_buffer` per matrix) is torch's, so checkpoints move between the two.
+
+The subclass also adds NorMuon (`normuon=True`, what training uses unless --no-normuon): after the
+orthogonalisation each neuron's step is divided by a running RMS of its own past steps, then the whole
+update is scaled back to its norm (`normalize_neurons`). It keeps one more small tensor per matrix in the
+state (`second_moment`), so this path always runs here, in fp32 or bf16 as chosen.
 """
 from __future__ import annotations
 
@@ -35,6 +40,9 @@ NS_STEPS = 5
 # (bytelm.training.muon_momentum; modded-nanogpt's schedule).
 MOMENTUM = 0.95
 MOMENTUM_START = 0.85
+
+# NorMuon's decay for the running second moment of each neuron's orthogonalised update (the paper's beta2).
+NEURON_BETA2 = 0.95
 
 
 def newton_schulz(grad: torch.Tensor, coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
@@ -85,6 +93,27 @@ def newton_schulz(grad: torch.Tensor, coefficients: tuple[float, float, float] =
     return x.mT if tall else x
 
 
+def _neuron_axis(shape: torch.Size) -> int:
+    """The axis NorMuon averages over: the shorter side's, so there is one statistic per index of the longer."""
+    return -1 if shape[-2] >= shape[-1] else -2
+
+
+def normalize_neurons(update: torch.Tensor, second_moment: torch.Tensor, beta2: float = NEURON_BETA2,
+                      eps: float = 1e-10) -> torch.Tensor:
+    """NorMuon's step after the orthogonalisation (Li et al. 2025, arXiv 2510.05491): divide each neuron's slice of
+    the update by the root of a running mean of its squares, then rescale to the update's own Frobenius norm.
+
+    update: an orthogonalised (rows, cols) update. second_moment: this matrix's running mean square per index of
+    the longer side, (rows, 1) if rows >= cols else (1, cols), updated in place. An orthogonalised update has
+    (nearly) equal singular values, but its rows need not have equal norms, so some neurons get much larger
+    steps than others; this evens them out over time. The norm is kept, so the learning rate means what it
+    meant for Muon.
+    """
+    second_moment.lerp_(update.square().mean(dim=_neuron_axis(update.shape), keepdim=True), 1 - beta2)
+    scaled = update / (second_moment.sqrt() + eps)
+    return scaled.mul_(update.norm() / scaled.norm().clamp(min=eps))
+
+
 def muon_lr_scale(shape: torch.Size, adjust_lr_fn: str | None) -> float:
     """torch.optim.Muon's per-matrix learning-rate factor (keeps update RMS comparable across shapes)."""
     rows, cols = shape[:2]
@@ -103,18 +132,21 @@ def bf16_is_fast(device: torch.device) -> bool:
 
 
 class Muon(torch.optim.Muon):
-    """torch.optim.Muon with a choice of Newton-Schulz precision (`ns_dtype`).
+    """torch.optim.Muon with a choice of Newton-Schulz precision (`ns_dtype`), and optionally NorMuon.
 
     ns_dtype=torch.bfloat16 is torch's own step; torch.float32 is the same update computed in fp32.
+    normuon=True evens out the neurons' step sizes after the orthogonalisation (`normalize_neurons`), keeping a
+    `second_moment` tensor per matrix in the optimizer state beside torch's `momentum_buffer`.
     """
 
-    def __init__(self, params, *args, ns_dtype: torch.dtype = torch.bfloat16, **kwargs):
+    def __init__(self, params, *args, ns_dtype: torch.dtype = torch.bfloat16, normuon: bool = False, **kwargs):
         super().__init__(params, *args, **kwargs)
         self.ns_dtype = ns_dtype
+        self.normuon = normuon
 
     @torch.no_grad()
     def step(self, closure=None):
-        if self.ns_dtype == torch.bfloat16:
+        if self.ns_dtype == torch.bfloat16 and not self.normuon:
             return super().step(closure)
         loss = None
         if closure is not None:
@@ -141,6 +173,14 @@ class Muon(torch.optim.Muon):
                 ortho = [ortho] if len(updates) == 1 else ortho.unbind(0)
                 scale = muon_lr_scale(torch.Size(shape), group["adjust_lr_fn"])
                 for (p, _), update in zip(pairs, ortho):
+                    if self.normuon:
+                        state = self.state[p]
+                        update = update.float()  # the running statistics stay fp32 whatever ns_dtype is
+                        if "second_moment" not in state:  # a new run, or one resumed from a save without NorMuon
+                            shape = list(update.shape)
+                            shape[_neuron_axis(update.shape)] = 1
+                            state["second_moment"] = update.new_zeros(shape)
+                        update = normalize_neurons(update, state["second_moment"])
                     p.mul_(1 - lr * wd)
                     p.add_(update.to(p.dtype), alpha=-lr * scale)
         return loss
@@ -172,14 +212,16 @@ def split_params(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], list
 
 def build_optimizers(model: nn.Module, *, muon_lr: float, adam_lr: float, muon_weight_decay: float = 0.1,
                      adam_weight_decay: float = 0.0, adam_betas: tuple[float, float] = (0.9, 0.95),
-                     momentum: float = MOMENTUM, ns_dtype: torch.dtype | None = None) -> list[torch.optim.Optimizer]:
-    """[Muon over the hidden matrices, AdamW over the rest]. ns_dtype None: bf16 where it is fast, else fp32."""
+                     momentum: float = MOMENTUM, ns_dtype: torch.dtype | None = None,
+                     normuon: bool = True) -> list[torch.optim.Optimizer]:
+    """[Muon over the hidden matrices, AdamW over the rest]. ns_dtype None: bf16 where it is fast, else fp32.
+    normuon: Muon with NorMuon's per-neuron normalisation (`normalize_neurons`), as training uses by default."""
     muon_params, adamw_params = split_params(model)
     if ns_dtype is None:
         device = next(model.parameters()).device
         ns_dtype = torch.bfloat16 if bf16_is_fast(device) else torch.float32
     muon = Muon([p for _, p in muon_params], lr=muon_lr, momentum=momentum, nesterov=True,
-                weight_decay=muon_weight_decay, ns_dtype=ns_dtype)
+                weight_decay=muon_weight_decay, ns_dtype=ns_dtype, normuon=normuon)
     adamw = torch.optim.AdamW([p for _, p in adamw_params], lr=adam_lr, betas=adam_betas,
                               weight_decay=adam_weight_decay, eps=1e-8)
     return [muon, adamw]

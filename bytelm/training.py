@@ -113,6 +113,8 @@ class TrainConfig:
     momentum_warmup: int = _arg(300, f"steps over which Muon's momentum rises linearly from {MOMENTUM_START} to "
                                 f"{MOMENTUM} (0: {MOMENTUM} throughout)",
                                 "optimizer")  # modded-nanogpt's; docs/training.md, "Optimizer"
+    normuon: bool = _arg(True, "even out the neurons' Muon step sizes by a running second moment (NorMuon)",
+                         "optimizer")  # -0.02 val bpb in fixed-step screens; docs/training.md, "Optimizer"
     grad_clip: float = _arg(1.0, "clip the global gradient norm to this (0: off)", "optimizer")  # GPT-2 habit
     # precision and device
     device: str = _arg("auto", "cpu, cuda, cuda:N or auto (CUDA if present)", "device")  # fastest present
@@ -648,7 +650,7 @@ def _train(cfg: TrainConfig, d: Dist, progress: bool, command: str) -> dict:
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     model = ByteLM(model_cfg).to(device)
     optimizers = build_optimizers(model, muon_lr=cfg.muon_lr, adam_lr=cfg.adam_lr,
-                                  muon_weight_decay=cfg.muon_weight_decay)
+                                  muon_weight_decay=cfg.muon_weight_decay, normuon=cfg.normuon)
     metrics = {"best_val_bpb": None, "best_step": None, "last_val_bpb": None}
     step, elapsed_before = 0, 0.0
     if cfg.resume:
@@ -975,6 +977,10 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
     return parser
 
 
+# What a run saved before these TrainConfig fields existed trained with (their default now is different).
+SAVED_BEFORE_FIELD = {"momentum_warmup": 0, "normuon": False}
+
+
 def config_from_args(explicit: dict) -> TrainConfig:
     """TrainConfig from the flags actually given: preset < flags; with --resume, saved run < flags."""
     if explicit.get("resume"):
@@ -983,6 +989,8 @@ def config_from_args(explicit: dict) -> TrainConfig:
             saved = dict((read_checkpoint(last).get("train_state") or {}).get("config") or {})
             known = {f.name for f in fields(TrainConfig)}
             saved = {k: v for k, v in saved.items() if k in known}
+            # A run saved before a setting existed goes on as it ran, not with the setting's new default.
+            saved = {**SAVED_BEFORE_FIELD, **saved} if saved else saved
             if "preset" in explicit and explicit["preset"] != saved.get("preset", explicit["preset"]):
                 raise BytelmError(f"--preset {explicit['preset']} differs from the resumed run's "
                                   f"({saved['preset']}); give the flags to change instead")

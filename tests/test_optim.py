@@ -5,7 +5,7 @@ import torch
 import bytelm.optim as optim_mod
 from bytelm.config import ModelConfig
 from bytelm.model import ByteLM
-from bytelm.optim import Muon, build_optimizers, newton_schulz, split_params
+from bytelm.optim import Muon, build_optimizers, newton_schulz, normalize_neurons, split_params
 from bytelm.training import lr_scale, muon_momentum
 
 TINY = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64)
@@ -193,3 +193,59 @@ def test_fp32_muon_step_with_same_shape_matrices_matches_one_at_a_time():
         one_at_a_time.append(p)
     for a, b in zip(batched, one_at_a_time):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(48, 16), (16, 48)], ids=["tall", "wide"])
+def test_normuon_evens_out_the_neurons_and_keeps_the_update_norm(shape):
+    """Each neuron (a row of a tall matrix, a column of a wide one) ends with the same RMS step."""
+    gen = torch.Generator().manual_seed(3)
+    rows, cols = shape
+    axis = -1 if rows >= cols else -2
+    neurons = max(rows, cols)
+    # An update whose neurons' sizes differ 10x, and which changes a little from step to step.
+    sizes = torch.linspace(0.1, 1.0, neurons).view(-1, 1) if axis == -1 else torch.linspace(0.1, 1.0, neurons)
+    second_moment = torch.zeros((rows, 1) if axis == -1 else (1, cols))
+    mean_sq_in, mean_sq_out = torch.zeros(neurons), torch.zeros(neurons)  # per neuron, over the last 200 steps
+    for step in range(400):
+        update = torch.randn(shape, generator=gen) * sizes
+        out = normalize_neurons(update, second_moment)
+        assert out.norm() == pytest.approx(update.norm().item(), rel=1e-5)
+        if step >= 200:
+            mean_sq_in += update.square().mean(axis)
+            mean_sq_out += out.square().mean(axis)
+    assert mean_sq_in.max() / mean_sq_in.min() > 50
+    assert mean_sq_out.max() / mean_sq_out.min() < 1.3, mean_sq_out
+
+
+def test_normuon_step_is_muons_orthogonalised_update_normalised_per_neuron():
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(24, 8, generator=gen)
+    grads = [torch.randn_like(w) for _ in range(3)]
+    p = torch.nn.Parameter(w.clone())
+    opt = Muon([p], lr=0.02, weight_decay=0.1, momentum=0.9, ns_dtype=torch.float32, normuon=True)
+    ref, buf, second_moment = w.clone(), torch.zeros_like(w), torch.zeros(24, 1)
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+        buf = 0.9 * buf + 0.1 * g
+        ortho = newton_schulz(0.1 * g + 0.9 * buf)  # Nesterov
+        second_moment = 0.95 * second_moment + 0.05 * ortho.square().mean(-1, keepdim=True)
+        scaled = ortho / second_moment.sqrt()
+        step = scaled * ortho.norm() / scaled.norm()
+        ref = ref * (1 - 0.02 * 0.1) - 0.02 * (24 / 8) ** 0.5 * step
+    torch.testing.assert_close(p.detach(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(opt.state[p]["second_moment"], second_moment, rtol=1e-5, atol=0)
+
+
+def test_normuon_runs_on_the_bf16_path_too_and_can_be_switched_off(monkeypatch):
+    monkeypatch.setattr(optim_mod, "cpu_has_fast_bf16", lambda: True)  # torch's own bf16 step, unless NorMuon
+    model = ByteLM(TINY)
+    x = torch.randint(0, 256, (2, 16))
+    for normuon in (False, True):
+        muon, _ = build_optimizers(model, muon_lr=0.01, adam_lr=0.001, normuon=normuon)
+        assert muon.ns_dtype == torch.bfloat16 and muon.normuon is normuon
+        model.zero_grad()
+        model(x, x)[1].backward()
+        muon.step()
+        has = ["second_moment" in muon.state[p] for g in muon.param_groups for p in g["params"]]
+        assert all(has) if normuon else not any(has)

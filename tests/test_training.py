@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import bytelm.training as training
-from bytelm.checkpoint import load_model, read_checkpoint
+from bytelm.checkpoint import atomic_save, load_model, read_checkpoint
 from bytelm.data import SlidingBatches, eval_batches, load_corpus
 from bytelm.errors import BytelmError, run_cli
 from bytelm.metrics import bits_per_byte, read_metrics
@@ -130,6 +130,31 @@ def test_resume_from_the_cli_takes_the_saved_settings_and_new_steps(tmp_path, co
     state = read_checkpoint(RunPaths.for_out(out).last)["train_state"]
     assert state["step"] == 14 and state["config"]["n_embd"] == 32 and state["config"]["data"] == str(corpus_file)
     assert [r["step"] for r in read_metrics(RunPaths.for_out(out).metrics) if "loss" in r] == list(range(1, 15))
+
+
+def test_resuming_a_run_saved_before_a_setting_existed_goes_on_as_it_ran(tmp_path, corpus_file):
+    """A run saved before NorMuon and the momentum warmup existed resumes without them, not with their defaults."""
+    out = tmp_path / "m.pt"
+    args = ["--preset", "tiny", "--data", str(corpus_file), "--out", str(out), "--threads", "1", "--no-plot",
+            "--cache-dir", str(tmp_path / "cache"), "--steps", "6", "--eval-every", "3", "--sample-bytes", "0"]
+    assert main(args) == 0
+    last = RunPaths.for_out(out).last
+    ckpt = read_checkpoint(last)
+    state = ckpt["train_state"]
+    assert state["config"]["normuon"] is True and state["config"]["momentum_warmup"] > 0  # today's defaults
+    for name in ("normuon", "momentum_warmup"):  # what a save from before those settings holds
+        del state["config"][name]
+    for per_param in state["optimizers"][0]["state"].values():
+        del per_param["second_moment"]
+    atomic_save(ckpt, last)
+
+    assert main(["--out", str(out), "--resume", "--steps", "8"]) == 0
+    state = read_checkpoint(last)["train_state"]
+    assert state["step"] == 8
+    assert state["config"]["normuon"] is False and state["config"]["momentum_warmup"] == 0
+    muon = state["optimizers"][0]
+    assert not any("second_moment" in per_param for per_param in muon["state"].values())
+    assert muon["param_groups"][0]["momentum"] == pytest.approx(0.95)  # no warmup: 0.95 from the start
 
 
 @pytest.mark.parametrize("momentum_warmup", [0, 10])
