@@ -17,7 +17,8 @@ layout (one `momentum_buffer` per matrix) is torch's, so checkpoints move betwee
 The subclass also adds NorMuon (`normuon=True`, what training uses unless --no-normuon): after the
 orthogonalisation each neuron's step is divided by a running RMS of its own past steps, then the whole
 update is scaled back to its norm (`normalize_neurons`). It keeps one more small tensor per matrix in the
-state (`second_moment`), so this path always runs here, in fp32 or bf16 as chosen.
+state (`second_moment`); with it, the step always takes this subclass's loop, with the iteration in fp32 or
+bf16 as above.
 """
 from __future__ import annotations
 
