@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 import bytelm.data as data_mod
 from bytelm.config import DOC_SEPARATOR
-from bytelm.data import (IGNORE, BatchSampler, Corpus, SlidingBatches, check_size, eval_batches, load_corpus,
-                         load_stream, stream_documents)
+from bytelm.data import (IGNORE, BatchSampler, Corpus, SlidingBatches, _batch_seed, check_size, eval_batches,
+                         load_corpus, load_stream, stream_documents)
 from bytelm.errors import DataError
 
 from conftest import TINY_DOCS
@@ -322,6 +322,49 @@ def test_ranks_draw_different_windows_and_resume_from_rank0_state():
     resumed = BatchSampler(DATA, 4, 16, seed=0, rank=1, world_size=2)
     resumed.load_state_dict(r0.state_dict())  # one checkpoint (rank 0's) restores every rank's own stream
     assert_same_batches(take(resumed, 2), take(r1, 2))
+
+
+def window_starts(data, batches):
+    """Where in `data` each window of (x, y) batches starts (data is random bytes: every 17-byte run is unique)."""
+    at = {bytes(data[i:i + 17]): i for i in range(len(data) - 16)}
+    assert len(at) == len(data) - 16
+    return [at[bytes(torch.cat([x_row, y_row[-1:]]).to(torch.uint8).numpy())]
+            for x, y in batches for x_row, y_row in zip(x, y)]
+
+
+RANDOM_DATA = np.random.default_rng(0).integers(0, 256, 1937, dtype=np.uint8)  # 120 windows of 16 per pass
+
+
+def test_each_pass_makes_every_byte_a_target_once_in_a_new_order():
+    sampler = BatchSampler(RANDOM_DATA, 3, 16, seed=5)
+    assert sampler.windows_per_pass == 120
+    passes = [window_starts(RANDOM_DATA, take(sampler, 40)) for _ in range(3)]  # 40 x 3 windows: one pass
+    for starts in passes:
+        offset = min(starts)
+        assert 0 <= offset < 16 and sorted(starts) == [offset + 16 * i for i in range(120)]  # tiled, no gaps
+    assert len({tuple(p) for p in passes}) == 3  # each pass in its own order (and offset)
+    assert len({min(p) for p in passes}) > 1
+
+
+def test_ranks_share_each_pass_out_between_them():
+    r0 = BatchSampler(RANDOM_DATA, 3, 16, seed=5, rank=0, world_size=2)
+    r1 = BatchSampler(RANDOM_DATA, 3, 16, seed=5, rank=1, world_size=2)
+    s0, s1 = window_starts(RANDOM_DATA, take(r0, 20)), window_starts(RANDOM_DATA, take(r1, 20))
+    assert not set(s0) & set(s1)
+    offset = min(s0 + s1)
+    assert sorted(s0 + s1) == [offset + 16 * i for i in range(120)]  # together, exactly one pass
+
+
+def test_a_state_saved_before_passes_goes_on_drawing_independent_windows():
+    """A resume state from the first sampler (version 1) continues its own stream, as the run began."""
+    sampler = BatchSampler(DATA, 4, 16, seed=123)
+    sampler.load_state_dict({"version": 1, "seed": 7, "batches": 2, "batch_size": 4, "seq_len": 16})
+    x, y = sampler.next_batch()
+    gen = torch.Generator().manual_seed(_batch_seed(7, 0, 2))  # what version 1 drew for batch 2
+    starts = torch.randint(0, len(DATA) - 16, (4,), generator=gen)
+    assert torch.equal(x[:, 0], torch.from_numpy(DATA[starts.numpy()].astype(np.int64)))
+    assert sampler.state_dict()["version"] == 1 and sampler.batches == 3
+    assert BatchSampler(DATA, 4, 16, seed=0).state_dict()["version"] == 2  # a new run takes passes
 
 
 def test_eval_batches_are_deterministic_and_cover_the_split():
