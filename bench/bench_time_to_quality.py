@@ -5,17 +5,20 @@
     python bench/bench_time_to_quality.py --seeds 1337,1,2          # three runs of 600 s, a row each and the mean
 
 Split as nanoGPT's prepare.py: the first 90% of the file trains, the last 10% validates. The budget covers
-everything after the data is loaded: training, its periodic evaluations and the final evaluation of the best
-checkpoint on the WHOLE validation split, which is the number reported, twice: over consecutive windows of
-seq_len bytes (each window starts from no context, as nanoGPT-style evaluation does), and over a sliding window
-that moves by seq_len / 2, so every byte after the first window is predicted from at least seq_len / 2 bytes
-before it (the rate at which the model would compress the text).
+everything that the score needs: loading the data, timing the final evaluation's reserve, training, its
+periodic evaluations and the final evaluation of the best checkpoint on the WHOLE validation split over
+consecutive windows of seq_len bytes (each window starts from no context, as nanoGPT-style evaluation does):
+that is the score. After the budget, the same checkpoint is also scored over a sliding window that moves by
+seq_len / 2, so every byte after the first window is predicted from at least seq_len / 2 bytes before it (the
+rate at which the model would compress the text): a second view, not the score, so its cost (twice the forward
+passes of the first) is not taken from training (until 2026-12-02 it was inside the budget too).
 Anchor (performance issue, measured on the same machine kind): nanoGPT's CPU recipe stretched to 10 minutes,
 2.208 bpb; target <= 2.10.
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -29,15 +32,42 @@ from bytelm.checkpoint import load_model  # noqa: E402
 from bytelm.data import SlidingBatches, eval_batches, load_corpus  # noqa: E402
 from bytelm.metrics import bits_per_byte  # noqa: E402
 from bytelm.model import ByteLM  # noqa: E402
-from bytelm.training import TrainConfig, evaluate, train  # noqa: E402
+from bytelm.training import TrainConfig, auto_threads, evaluate, train  # noqa: E402
 
 
 
-def final_eval_reserve(n_params: int) -> float:
-    """Seconds kept for loading the best checkpoint and evaluating the whole split twice: the evaluation grows
-    with the model. Measured for one evaluation: 7 s at 4x4x128 (0.8M parameters, 2026-11-29), 13 s at 6x8x192
-    (2.7M); the sliding one costs twice the forward passes (4.5 s and 8.5 s at 4x4x160, 11-29)."""
+# The final evaluation's reserve: its forward passes timed on a few batches before training, times this margin
+# (the machine may be slower by then), plus LOAD_S for loading the best checkpoint; never more than
+# `fixed_reserve`, which earlier runs showed to be enough (so a busy moment during the timing cannot eat the
+# budget). 4x4x160 on the 2-core EPYC (12-02): about 0.1 s per batch, so ~8 s kept for the 55 batches of the
+# consecutive windows, where the fixed reserve kept 24.5 s for those and the sliding window's 109.
+EVAL_MARGIN = 1.25
+LOAD_S = 1.0
+TIMED_BATCHES = 3
+
+
+def fixed_reserve(n_params: int) -> float:
+    """The reserve used until 12-02, by model size. Measured for one evaluation: 7 s at 4x4x128 (0.8M
+    parameters, 2026-11-29), 13 s at 6x8x192 (2.7M); the sliding one costs twice the forward passes (4.5 s and
+    8.5 s at 4x4x160, 11-29)."""
     return 6.0 + 15.0 * n_params / 1e6  # 4x4x96 (0.47M) used 599 s of 600 with 4 s + 7 s per million, one eval
+
+
+def final_eval_reserve(cfg: TrainConfig, val, n_batches: int) -> float:
+    """Seconds to keep for scoring the best checkpoint on `n_batches` validation batches of cfg's shape: a fresh
+    model of that shape is timed on TIMED_BATCHES of them, one at a time (after one to warm up), at the run's
+    thread count, and the median taken. Costs about 0.2 s at 4x4x160, counted in the budget by the caller."""
+    torch.set_num_threads(cfg.threads or auto_threads())  # as train() will
+    model = ByteLM(cfg.model_config())
+    batches = eval_batches(val, cfg.batch_size, cfg.seq_len, max_batches=1 + TIMED_BATCHES)
+    cpu = torch.device("cpu")
+    times = []
+    for i in range(len(batches)):
+        t = time.perf_counter()
+        evaluate(model, [batches[i]], cpu, "fp32")
+        times.append(time.perf_counter() - t)
+    per_batch = statistics.median(times[1:] or times)  # the first call allocates
+    return min(fixed_reserve(model.matmul_params()), LOAD_S + EVAL_MARGIN * per_batch * n_batches)
 
 
 def main() -> None:
@@ -81,9 +111,9 @@ def main() -> None:
         rows.append([f"mean of the {len(runs)} seeds", runs[0]["params"],
                      *(sum(r[k] for r in runs) / len(runs) for k in ("steps", "wall", "bpb", "bpb_sliding")),
                      "2.208", "<= 2.10"])
-    table = markdown_table(["run", "parameters", "steps", "wall s (train + evals)",
+    table = markdown_table(["run", "parameters", "steps", "wall s (train + evals, in the budget)",
                             f"val bpb, whole split, consecutive {cfg.seq_len}-byte windows (best ckpt)",
-                            f"same, sliding window (stride {cfg.seq_len // 2})", "nanoGPT anchor", "target"], rows)
+                            f"same, sliding window (stride {cfg.seq_len // 2}; after the budget)", "nanoGPT anchor", "target"], rows)
     notes = (f"Train/val: first 90% / last 10% of {Path(args.data).name} ({runs[0]['train_bytes']:,} / "
              f"{runs[0]['val_bytes']:,} bytes). " + " ".join(
                  f"{'Seed ' + str(r['cfg'].seed) + ': b' if args.seeds else 'B'}est checkpoint at step "
@@ -94,24 +124,25 @@ def main() -> None:
 
 def one_run(data: str, budget: float, overrides: dict) -> dict:
     """Train within `budget` seconds (the final evaluation's reserve included), then score the best checkpoint
-    on the whole validation split, over consecutive windows and over a sliding window."""
+    on the whole validation split over consecutive windows, within the budget, and over a sliding window."""
     out = Path(tempfile.mkdtemp(prefix="bytelm-ttq-")) / "model.pt"
-    cfg = TrainConfig(**{**dict(data=data), **overrides})  # just the model shape, for the reserve
-    reserve = final_eval_reserve(ByteLM(cfg.model_config()).matmul_params())
+    t0 = time.perf_counter()
+    shape = TrainConfig(**{**dict(data=data), **overrides})  # the model shape and threads, for the reserve
+    corpus = load_corpus(data, val_fraction=0.1, cache_dir=shape.cache_dir or None)
+    batches = eval_batches(corpus.val, shape.batch_size, shape.seq_len)  # the whole split
+    sliding = SlidingBatches(corpus.val, shape.batch_size, shape.seq_len, stride=shape.seq_len // 2)
+    reserve = final_eval_reserve(shape, corpus.val, len(batches))
     cfg = TrainConfig(**{**dict(data=data, val_fraction=0.1, out=str(out), steps=100_000, plot=False,
                                 sample_bytes=0, eval_every=200, save_every=200,  # resume state at evaluations only
-                                time_budget=budget - reserve),
+                                time_budget=budget - reserve - (time.perf_counter() - t0)),
                          **overrides})
-    t0 = time.perf_counter()
     summary = train(cfg, progress=False, command="bench/bench_time_to_quality.py")
     model, _ = load_model(out)
-    corpus = load_corpus(data, val_fraction=0.1, cache_dir=cfg.cache_dir or None)
     cpu = torch.device("cpu")
-    batches = eval_batches(corpus.val, cfg.batch_size, cfg.seq_len)  # the whole split
     bpb = bits_per_byte(evaluate(model, batches, cpu, "fp32"))
-    sliding = SlidingBatches(corpus.val, cfg.batch_size, cfg.seq_len, stride=cfg.seq_len // 2)
+    wall = time.perf_counter() - t0  # the budget ends here: the sliding score below is a second view
     bpb_sliding = bits_per_byte(evaluate(model, sliding, cpu, "fp32"))
-    return dict(cfg=cfg, params=model.num_params(), steps=summary["steps"], wall=time.perf_counter() - t0,
+    return dict(cfg=cfg, params=model.num_params(), steps=summary["steps"], wall=wall,
                 bpb=bpb, bpb_sliding=bpb_sliding, best_step=summary["best_step"],
                 best_val_bpb=summary["best_val_bpb"], bytes_per_s=summary["bytes_per_s"],
                 train_bytes=len(corpus.train), val_bytes=len(corpus.val))
