@@ -725,8 +725,8 @@ class BatchSampler:
     Why passes: on tinyshakespeare, windows drawn independently (with replacement, as before 2026-12-02) left
     1.5% of the bytes never a target after 2,000 steps of 16 x 128 (4.1 passes' worth) and 5.4% a target eight
     times or more; passes scored 0.010 and 0.015 lower validation bits per byte in 1,200-step screens of two
-    seeds, and 0.026 lower at 2,000 steps (docs/training.md). A resume state saved by that sampler (version 1) goes on drawing that way, so its
-    run continues as it began.
+    seeds, and 0.026 lower at 2,000 steps (docs/training.md). A resume state saved by that sampler (version 1)
+    goes on drawing that way, so its run continues as it began.
     """
 
     def __init__(self, data: np.ndarray, batch_size: int, seq_len: int, seed: int, rank: int = 0,
