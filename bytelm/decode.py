@@ -23,6 +23,12 @@ from .model import ByteLM, KVCache
 from .native import decode_kernel
 
 
+def _largest_magnitude(t: torch.Tensor) -> float:
+    """max |t| in one pass without a temporary (t.abs() would allocate, and page-fault, a copy of t)."""
+    lo, hi = torch.aminmax(t)
+    return max(-float(lo), float(hi))
+
+
 class FastDecoder:
     """Precomputed weights of a ByteLM for one-byte steps. Rebuild it if the model's weights change.
 
@@ -75,7 +81,7 @@ class FastDecoder:
                 matrices = [self.w_qkv, self.w_proj, self.w_fc, self.w_out, self.head]
                 # Half-precision copies of the matrices halve what each step reads (the step's bound); only
                 # where the build converts them in hardware (F16C) and every weight fits fp16's range.
-                if half and lib.bytelm_half_supported() and all(m.abs().max() < 60000 for m in matrices):
+                if half and lib.bytelm_half_supported() and all(_largest_magnitude(m) < 60000 for m in matrices):
                     matrices = [m.half() for m in matrices]  # round to nearest even, as F16C converts back
                     self.half = True
                 self._matrices = matrices  # kept alive: the kernel reads them by address
