@@ -65,7 +65,8 @@ def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     reaches p; the most likely byte is always kept. p >= 1 is a no-op (and skips the sort)."""
     if p >= 1.0:
         return logits
-    sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=False)  # ascending, as HF
+    # Ascending, as HF; stable, so tied bytes are cut in index order on every device (and as the C sampler does).
+    sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=False, stable=True)
     cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
     remove_sorted = cum <= (1.0 - p)  # the low tail whose total mass is at most 1 - p
     remove_sorted[..., -1:] = False  # always keep the argmax

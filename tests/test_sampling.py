@@ -190,11 +190,15 @@ C_SAMPLER = CSampler.create(SamplingSettings())
 @given(seed=st.integers(0, 2**16), k=st.sampled_from([1, 2, 5, 50, 200, 256]),
        p=st.sampled_from([0.1, 0.5, 0.9, 0.95, 1.0]), min_p=st.sampled_from([0.0, 0.02, 0.1, 0.5]),
        temperature=st.sampled_from([0.0, 0.3, 0.8, 1.0, 1.7]), penalty=st.sampled_from([1.0, 1.1, 1.8]),
-       n_recent=st.sampled_from([0, 1, 64]), scale=st.sampled_from([0.5, 3.0, 10.0]))
-def test_c_sampler_chooses_the_same_byte_as_sample_next(seed, k, p, min_p, temperature, penalty, n_recent, scale):
+       n_recent=st.sampled_from([0, 1, 64]), scale=st.sampled_from([0.5, 3.0, 10.0]), ties=st.booleans())
+def test_c_sampler_chooses_the_same_byte_as_sample_next(seed, k, p, min_p, temperature, penalty, n_recent, scale,
+                                                        ties):
     """The generator's C path (bytelm/csrc/sample.c) and sample_next agree byte for byte for one seed, and
-    leave the generator in the same state."""
+    leave the generator in the same state; also where many logits tie (rounded to a few values), so that
+    which tied bytes top-k keeps and top-p cuts must agree too."""
     logits = torch.randn(256, generator=torch.Generator().manual_seed(seed)) * scale
+    if ties:
+        logits = logits.round()  # about 2 * scale + 1 distinct values
     recent = torch.randint(0, 256, (n_recent,), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed + 1))
     s = SamplingSettings(temperature=temperature, top_k=k, top_p=p, min_p=min_p, repetition_penalty=penalty)
     g_torch, g_c = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)

@@ -17,11 +17,13 @@
 
 typedef struct { float value; int index; } Scored;
 
-/* Descending by value, ties by index: a total order, so the result never depends on qsort's internals. */
+/* Descending by value, ties by index descending: a total order, so the result never depends on qsort's
+ * internals, and the reverse of the stable ascending torch.sort in sample_next's nucleus filter, which walks
+ * it from the low end: tied bytes are cut in the same order on both paths. */
 static int by_value_descending(const void *a, const void *b) {
     const Scored *x = a, *y = b;
     if (x->value != y->value) return x->value < y->value ? 1 : -1;
-    return x->index - y->index;
+    return y->index - x->index;
 }
 
 /* probs = softmax(logits) in float; returns the largest probability */
