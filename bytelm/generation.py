@@ -265,7 +265,7 @@ class ByteLevelGenerator:
             raise TypeError(f"model must be a checkpoint path or a torch module, not {type(model).__name__}")
         self.block_size: int = self.model.config.block_size
         # How one-byte steps run (bytelm/decode.py; docs/generation.md, "Speed"): "auto" = the C step reading
-        # half-precision copies of the weights where the build can (about 2x faster; logits within ~1e-3),
+        # half-precision copies of the weights where the build can (2-3x faster; logits within ~1e-3),
         # else as "exact"; "exact" = the C step in fp32 where it builds, else the lean torch step, both the
         # reference's arithmetic to float rounding; "torch" = the lean torch step; "reference" =
         # ByteLM.forward. Modules other than a ByteLM always use their forward.
@@ -427,7 +427,7 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
                              "whose core is busy stalls the others)")
     parser.add_argument("--exact", action="store_true",
                         help="run each step with the fp32 weights, as ByteLM.forward to float rounding (default: "
-                             "the C step reads half-precision copies, about 2x faster, logits within ~1e-3)")
+                             "the C step reads half-precision copies, 2-3x faster, logits within ~1e-3)")
 
 
 def open_generator(args: argparse.Namespace, config: InferenceConfig) -> "ByteLevelGenerator":
