@@ -114,7 +114,8 @@ def main() -> None:
                      "2.208", "<= 2.10"])
     table = markdown_table(["run", "parameters", "steps", "wall s (train + evals, in the budget)",
                             f"val bpb, whole split, consecutive {cfg.seq_len}-byte windows (best ckpt)",
-                            f"same, sliding window (stride {cfg.seq_len // 2}; after the budget)", "nanoGPT anchor", "target"], rows)
+                            f"same, sliding window (stride {cfg.seq_len // 2}; after the budget)", "nanoGPT anchor",
+                            "target"], rows)
     notes = (f"Train/val: first 90% / last 10% of {Path(args.data).name} ({runs[0]['train_bytes']:,} / "
              f"{runs[0]['val_bytes']:,} bytes). " + " ".join(
                  f"{'Seed ' + str(r['cfg'].seed) + ': b' if args.seeds else 'B'}est checkpoint at step "
