@@ -29,7 +29,8 @@ import torch  # noqa: E402
 
 from common import SHAKESPEARE, markdown_table, report  # noqa: E402
 from bytelm.checkpoint import load_model  # noqa: E402
-from bytelm.data import SlidingBatches, eval_batches, load_corpus  # noqa: E402
+from bytelm.batches import SlidingBatches, eval_batches
+from bytelm.corpus import load_corpus  # noqa: E402
 from bytelm.metrics import bits_per_byte  # noqa: E402
 from bytelm.model import ByteLM  # noqa: E402
 from bytelm.training import TrainConfig, auto_threads, evaluate, train  # noqa: E402

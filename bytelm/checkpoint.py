@@ -12,7 +12,6 @@ from __future__ import annotations
 import glob
 import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from .config import ModelConfig
+from .files import atomic_write
 from .errors import BytelmError, CheckpointError
 from .model import ByteLM
 
@@ -46,57 +46,23 @@ def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return  # not supported on this platform/filesystem; the rename itself is still atomic
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file beside `path`, fsync, then rename over it.
-
-    A crash or error at any point leaves either the old file or the new one, never a partial file.
-    """
+    """torch.save through files.atomic_write: a crash or error at any point leaves the old file or the new
+    one, never a partial file."""
     path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    except OSError as e:
-        raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            # mkstemp creates 0600; give the file the mode a plain open() would (0666 less the umask).
-            umask = os.umask(0)
-            os.umask(umask)
-            os.fchmod(f.fileno(), 0o666 & ~umask)
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        atomic_write(path, lambda f: torch.save(obj, f))
+    except Exception as e:
         # torch.save's zip writer reacts to a failed write (ENOSPC, EIO, EFBIG) by raising RuntimeError
         # ("unexpected pos ...") from its __exit__, with the OSError only as __context__: look down the chain,
         # or a full disk ends training with a traceback (found by tests/test_fault_injection.py).
         err = e
         while isinstance(err, Exception) and not isinstance(err, OSError):
             err = err.__cause__ or err.__context__
-        if isinstance(e, Exception) and isinstance(err, OSError):
+        if isinstance(err, OSError):
             raise CheckpointError(f"cannot write checkpoint {path}: {err.strerror or err}; "
                                   "the previous file, if any, is unchanged") from None
         raise
-    _fsync_dir(folder)
 
 
 def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, config: ModelConfig,

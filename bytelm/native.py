@@ -51,7 +51,7 @@ def _cpu_key() -> str:
 
 
 def _cache_dir() -> Path:
-    from .data import cache_root  # the same folder as the data cache ($BYTELM_CACHE, ~/.cache/bytelm)
+    from .files import cache_root  # the same folder as the data cache ($BYTELM_CACHE, ~/.cache/bytelm)
     return cache_root() / "native"
 
 

@@ -38,7 +38,8 @@ import torch.nn.functional as F
 
 from .checkpoint import DEFAULT_PATH, check_weights, read_checkpoint, remove_stale_temps, save_checkpoint
 from .config import DOC_SEPARATOR, MODEL_PRESETS, ModelConfig
-from .data import BatchSampler, eval_batches, load_corpus
+from .batches import BatchSampler, eval_batches
+from .corpus import load_corpus
 from .device import autocast, default_dtype, pick_device
 from .errors import BytelmError, DataError
 from .metrics import MetricsLog, bits_per_byte, plot_losses

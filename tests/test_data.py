@@ -12,10 +12,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import bytelm.data as data_mod
+import bytelm.corpus as data_mod
 from bytelm.config import DOC_SEPARATOR
-from bytelm.data import (IGNORE, BatchSampler, Corpus, SlidingBatches, _batch_seed, check_size, eval_batches,
-                         load_corpus, load_stream, stream_documents)
+from bytelm.batches import IGNORE, BatchSampler, SlidingBatches, _batch_seed, eval_batches
+from bytelm.corpus import Corpus, check_size, load_corpus, load_stream, stream_documents
 from bytelm.errors import DataError
 
 from conftest import TINY_DOCS
@@ -169,7 +169,7 @@ def builtin_builds(tmp_path_factory):
     """The builtin corpus built twice, independently: here, and in a subprocess with another hash seed (set
     or dict order leaking into the corpus would show). Concurrent, to halve the wait."""
     other_cache = tmp_path_factory.mktemp("other_cache")
-    code = "import sys, bytelm.data as d; print(d.load_corpus('builtin', cache_dir=sys.argv[1]).info['sha256'])"
+    code = "import sys, bytelm.corpus as d; print(d.load_corpus('builtin', cache_dir=sys.argv[1]).info['sha256'])"
     proc = subprocess.Popen([sys.executable, "-c", code, str(other_cache)], stdout=subprocess.PIPE, text=True,
                             env=dict(os.environ, PYTHONHASHSEED="12345"))
     here = load_corpus("builtin", cache_dir=str(tmp_path_factory.mktemp("cache")))

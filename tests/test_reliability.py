@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import bytelm.checkpoint as ckpt_mod
-import bytelm.data as data_mod
+import bytelm.corpus as data_mod
 from bytelm.checkpoint import FORMAT_VERSION, load_model, read_checkpoint, save_checkpoint
 from bytelm.config import ModelConfig
 from bytelm.errors import CheckpointError, run_cli
@@ -389,7 +389,7 @@ def make_tiny_files(root: Path, n: int) -> Path:
 def many_files_trial(root: Path, n: int) -> dict:
     """Load a folder of n tiny files in a fresh process; returns seconds, peak RSS growth (MB) and the summary."""
     make_tiny_files(root, n)
-    script = ("import resource, sys, time, json\nfrom bytelm.data import load_corpus\n"
+    script = ("import resource, sys, time, json\nfrom bytelm.corpus import load_corpus\n"
               "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\nt = time.perf_counter()\n"
               "c = load_corpus(sys.argv[1], cache_dir=sys.argv[2])\n"
               "print(json.dumps({'seconds': time.perf_counter() - t, 'documents': c.info['documents'], "

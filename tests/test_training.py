@@ -17,7 +17,8 @@ import torch
 
 import bytelm.training as training
 from bytelm.checkpoint import atomic_save, load_model, read_checkpoint
-from bytelm.data import SlidingBatches, eval_batches, load_corpus
+from bytelm.batches import SlidingBatches, eval_batches
+from bytelm.corpus import load_corpus
 from bytelm.errors import BytelmError, run_cli
 from bytelm.metrics import bits_per_byte, read_metrics
 from bytelm.model import ByteLM

@@ -1,11 +1,8 @@
-"""Byte sources -> uint8 arrays -> batches. Bytes are the tokens, so a corpus is just a uint8 array.
+"""Byte sources -> documents -> a train/validation split, cached. Bytes are the tokens, so a corpus is just a uint8 array.
 
-    from bytelm.data import load_corpus, BatchSampler, eval_batches
+    from bytelm.corpus import load_corpus
     corpus = load_corpus("builtin")                  # or "cosmopedia", a file, a folder, a glob
-    sampler = BatchSampler(corpus.train, batch_size=32, seq_len=512, seed=0)
-    x, y = sampler.next_batch()                      # (B, T) int64 each; y is x shifted left by one byte
-    for x, y in eval_batches(corpus.val, 32, 512):   # fixed held-out batches for validation bits per byte
-        ...
+    corpus.train, corpus.val                         # 1-D uint8 arrays (bytelm.batches cuts them into batches)
 
 Every source is read by one code path into a stream of documents (bytes); documents are joined with
 DOC_SEPARATOR (one NUL byte) inside each split:
@@ -27,7 +24,6 @@ import hashlib
 import importlib.util
 import itertools
 import json
-import math
 import os
 import platform
 import shutil
@@ -37,17 +33,17 @@ import sysconfig
 import threading
 import uuid
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import numpy as np
-import torch
 
 from .config import DOC_SEPARATOR
 from .errors import DataError
+from .files import cache_root
 
 FORMAT_VERSION = 1  # bump when the bytes a source produces change, so caches built before are not reused
 MEMMAP_THRESHOLD = 64 << 20  # local inputs above this many bytes are built once into a cached memmap, not RAM
@@ -238,15 +234,6 @@ def _build(docs: Iterable, val_fraction: float, info: dict, out_dir: Path | None
 # ---------------------------------------------------------------------------------------------------------
 # The on-disk cache: one folder per key, built under a temporary name and renamed into place, so concurrent
 # builders (DDP ranks) and interrupted builds never leave a half-written entry that looks complete.
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """cache_dir, else $BYTELM_CACHE, else $XDG_CACHE_HOME/bytelm, else ~/.cache/bytelm."""
-    if cache_dir:
-        return Path(cache_dir).expanduser()
-    if os.environ.get("BYTELM_CACHE"):
-        return Path(os.environ["BYTELM_CACHE"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bytelm"
-
 
 def _key(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
@@ -672,207 +659,9 @@ def load_corpus(spec: str = "builtin", *, val_fraction: float = 0.05, text_field
                            check_hub=True, source="cosmopedia")
     return _load_local(spec, val_fraction, text_field, cache_dir, max_bytes)
 
-
-# ---------------------------------------------------------------------------------------------------------
-# Batches.
-
 def check_size(data: np.ndarray, seq_len: int, name: str = "train") -> None:
     """Raise DataError unless data holds at least one window of seq_len + 1 bytes (input plus target)."""
     need = seq_len + 1
     if len(data) < need:
         raise DataError(f"the {name} split has {len(data):,} bytes but one window of seq_len + 1 = {need:,} "
                         f"bytes is needed; use more data, a shorter sequence length or another val_fraction")
-
-
-def _check_shape(batch_size: int, seq_len: int) -> None:
-    for label, v in (("batch_size", batch_size), ("seq_len", seq_len)):
-        if not (isinstance(v, int) and v >= 1):
-            raise DataError(f"{label} must be a positive integer, got {v!r}")
-
-
-def _as_array(data) -> np.ndarray:
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        return np.frombuffer(data, dtype=np.uint8)
-    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 1):
-        raise TypeError(f"expected a 1-D uint8 numpy array (a corpus split), got {type(data).__name__}")
-    return data
-
-
-def _windows(data: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    idx = starts[:, None] + np.arange(seq_len + 1)  # (B, T + 1)
-    window = torch.from_numpy(np.asarray(data[idx], dtype=np.int64))  # gather copies, even from a memmap
-    return window[:, :-1].contiguous(), window[:, 1:].contiguous()  # x, y: (B, T) each
-
-
-def _batch_seed(seed: int, rank: int, k: int) -> int:
-    """A well-mixed 63-bit seed for batch k of (seed, rank): no two ranks or batches share a stream."""
-    digest = hashlib.blake2b(f"bytelm-batch {seed} {rank} {k}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-class BatchSampler:
-    """Windows of seq_len+1 bytes -> (x, y) int64 tensors (B, T), in passes over the split; reproducible and
-    resumable.
-
-    Each pass tiles the split with windows that start every seq_len bytes from a random offset, so each window's
-    last target is the next one's first input and every byte is a target once per pass (but for the offset at
-    the start and less than two windows at the end), and hands them out in a random order. Batch k of rank r
-    takes the window positions (k W + r) B ... (k W + r + 1) B - 1 of that sequence of passes (W ranks, B
-    windows a batch), so the ranks share each pass out between them. A pass's offset and order come from a
-    generator seeded with hash(seed, pass), so the whole state is the pair (seed, batches drawn): identical on
-    every rank. Saving rank 0's state_dict and loading it on every rank resumes each rank's own stream exactly.
-
-    Why passes: on tinyshakespeare, windows drawn independently (with replacement, as before 2026-12-02) left
-    1.5% of the bytes never a target after 2,000 steps of 16 x 128 (4.1 passes' worth) and 5.4% a target eight
-    times or more; passes scored 0.010 and 0.015 lower validation bits per byte in 1,200-step screens of two
-    seeds, and 0.026 lower at 2,000 steps (docs/training.md). A resume state saved by that sampler (version 1)
-    goes on drawing that way, so its run continues as it began.
-    """
-
-    def __init__(self, data: np.ndarray, batch_size: int, seq_len: int, seed: int, rank: int = 0,
-                 world_size: int = 1, *, name: str = "train"):
-        _check_shape(batch_size, seq_len)
-        _check_rank(rank, world_size)
-        data = _as_array(data)
-        check_size(data, seq_len, name)
-        self.data, self.batch_size, self.seq_len = data, batch_size, seq_len
-        self.seed, self.rank, self.world_size = int(seed), rank, world_size
-        self.batches = 0  # batches drawn so far
-        self.passes = True  # False: a version 1 state's independent windows
-        # Windows per pass: one fewer than fit, so that any offset in [0, seq_len) leaves room for them all.
-        self.windows_per_pass = max(1, (len(data) - 1) // seq_len - 1)
-        self._order: tuple[int, int, np.ndarray] | None = None  # (pass, offset, window order) last drawn
-        self._gen = torch.Generator()
-
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        starts = self._pass_starts() if self.passes else self._random_starts()
-        self.batches += 1
-        return _windows(self.data, starts, self.seq_len)
-
-    def _pass_starts(self) -> np.ndarray:
-        first = (self.batches * self.world_size + self.rank) * self.batch_size
-        slots = np.arange(first, first + self.batch_size)  # (B,) positions in the sequence of passes
-        passes, index = np.divmod(slots, self.windows_per_pass)
-        starts = np.empty(self.batch_size, dtype=np.int64)
-        for p in np.unique(passes):  # one pass, or two where a batch spans a pass boundary
-            offset, order = self._pass_order(int(p))
-            here = passes == p
-            starts[here] = offset + order[index[here]] * self.seq_len
-        return starts
-
-    def _pass_order(self, p: int) -> tuple[int, np.ndarray]:
-        """(offset, window order) of pass p: the same on every rank."""
-        if self._order is None or self._order[0] != p:
-            self._gen.manual_seed(_batch_seed(self.seed, -1, p))  # rank -1: not any rank's own stream
-            room = len(self.data) - 1 - self.windows_per_pass * self.seq_len  # >= 0: the windows always fit
-            offset = int(torch.randint(0, min(self.seq_len, room + 1), (1,), generator=self._gen))
-            self._order = (p, offset, torch.randperm(self.windows_per_pass, generator=self._gen).numpy())
-        return self._order[1], self._order[2]
-
-    def _random_starts(self) -> np.ndarray:
-        """Version 1: independent windows, uniformly over the split, from a generator seeded by (seed, rank, k)."""
-        self._gen.manual_seed(_batch_seed(self.seed, self.rank, self.batches))
-        # Start positions 0 .. len - T - 1, so every window of T + 1 bytes fits.
-        return torch.randint(0, len(self.data) - self.seq_len, (self.batch_size,), generator=self._gen).numpy()
-
-    def state_dict(self) -> dict:
-        return {"version": 2 if self.passes else 1, "seed": self.seed, "batches": self.batches,
-                "batch_size": self.batch_size, "seq_len": self.seq_len}  # plain ints: weights_only-safe
-
-    def load_state_dict(self, state: dict) -> None:
-        """Continue where `state` was saved. The continuation is exact when data, batch_size and seq_len are
-        the ones it was saved with; otherwise the stream goes on from the same point with the new shapes."""
-        if not (isinstance(state, Mapping) and state.get("version") in (1, 2)
-                and all(isinstance(state.get(k), int) for k in ("seed", "batches"))):
-            raise DataError("invalid batch sampler state in checkpoint (expected version 1 or 2 with seed and "
-                            "batches)")
-        self.seed, self.batches = state["seed"], state["batches"]
-        self.passes = state["version"] == 2
-        self._order = None
-
-
-class EvalBatches(Sequence):
-    """Fixed validation batches, made on access so a large split costs no memory up front. A Sequence:
-    len(), iteration and indexing behave like a list's. The last batch may have fewer than batch_size rows:
-    weight batch losses by x.numel() for an exact mean over bytes."""
-
-    def __init__(self, data: np.ndarray, batch_size: int, seq_len: int, max_batches: int | None = None,
-                 *, name: str = "validation"):
-        _check_shape(batch_size, seq_len)
-        if max_batches is not None and not (isinstance(max_batches, int) and max_batches >= 1):
-            raise DataError(f"max_batches must be a positive integer or None, got {max_batches!r}")
-        data = _as_array(data)
-        check_size(data, seq_len, name)
-        self.data, self.batch_size, self.seq_len = data, batch_size, seq_len
-        # Consecutive windows: window j predicts bytes j*T+1 .. (j+1)*T, so each byte is scored once.
-        n_windows = (len(data) - 1) // seq_len
-        k = n_windows if max_batches is None else min(n_windows, max_batches * batch_size)
-        chosen = np.arange(k, dtype=np.int64)
-        if k < n_windows:  # spread the chosen windows evenly over the whole split
-            chosen = chosen * n_windows // k
-        self.starts = chosen * seq_len
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.starts) / self.batch_size)
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        starts = self.starts[i * self.batch_size:(i + 1) * self.batch_size]
-        return _windows(self.data, starts, self.seq_len)
-
-
-IGNORE = -100  # a target that scores nothing: F.cross_entropy's default ignore_index
-
-
-class SlidingBatches(Sequence):
-    """Every byte of a split scored once, each with as much context as a window allows: windows of seq_len
-    bytes start every `stride` bytes, and each scores only the targets that no earlier window scored (the
-    first scores all of its own; the last is moved back to end at the split's end). So every byte after
-    the first window is predicted from at least seq_len - stride bytes before it, as a compressor running
-    the model over the text would see it, where consecutive windows (EvalBatches) restart from nothing at
-    every boundary. Costs seq_len / stride times the forward passes. Items are (x, y): (B, T) int64 each,
-    with y = IGNORE at the targets a window does not score."""
-
-    def __init__(self, data: np.ndarray, batch_size: int, seq_len: int, stride: int, *,
-                 name: str = "validation"):
-        _check_shape(batch_size, seq_len)
-        if not (isinstance(stride, int) and 1 <= stride <= seq_len):
-            raise DataError(f"stride must be an integer from 1 to seq_len ({seq_len}), got {stride!r}")
-        data = _as_array(data)
-        check_size(data, seq_len, name)
-        self.data, self.batch_size, self.seq_len = data, batch_size, seq_len
-        last = len(data) - 1 - seq_len  # the start of the window that ends at the split's end
-        starts = np.arange(0, last + 1, stride, dtype=np.int64)
-        if starts[-1] != last:
-            starts = np.append(starts, last)
-        # Window k predicts bytes starts[k]+1 .. starts[k]+T; it scores those past the previous window's end.
-        prev_end = np.concatenate(([0], starts[:-1] + seq_len))  # the last target index already scored
-        self.starts, self.first_scored = starts, prev_end - starts  # first scored position in each window
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.starts) / self.batch_size)
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        rows = slice(i * self.batch_size, (i + 1) * self.batch_size)
-        x, y = _windows(self.data, self.starts[rows], self.seq_len)
-        unscored = torch.arange(self.seq_len) < torch.from_numpy(self.first_scored[rows])[:, None]  # (B, T)
-        return x, y.masked_fill(unscored, IGNORE)  # not in place: with one row, x and y share storage
-
-
-def eval_batches(data: np.ndarray, batch_size: int, seq_len: int, max_batches: int | None = None,
-                 *, name: str = "validation") -> EvalBatches:
-    """Fixed, deterministic held-out batches: consecutive non-overlapping windows, evenly spread over the
-    split when max_batches limits them; max_batches=None covers the whole split. Raises DataError if the
-    split is shorter than one window."""
-    return EvalBatches(data, batch_size, seq_len, max_batches, name=name)
