@@ -4,10 +4,9 @@ Training configuration lives in `bytelm.training` next to the loop that reads it
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields
 
-from .errors import BytelmError
+from .errors import BytelmError, check_field_types, invalid
 
 VOCAB_SIZE = 256  # raw bytes: every value 0..255 is a token, there are no special ids
 
@@ -38,13 +37,8 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Raise BytelmError (one clear line) if any field is out of range."""
-        def bad(msg: str) -> None:
-            raise BytelmError(f"invalid model config: {msg}")
-
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if f.type in ("int", int) and (not isinstance(v, int) or isinstance(v, bool)):
-                bad(f"{f.name} must be an integer, got {v!r}")
+        bad = invalid("model config")
+        check_field_types(self, bad)
         if self.vocab_size != VOCAB_SIZE:
             bad(f"vocab_size must be {VOCAB_SIZE} (bytes), got {self.vocab_size}")
         if not 1 <= self.n_layer <= _MAX_LAYERS:
@@ -59,14 +53,10 @@ class ModelConfig:
             bad(f"block_size must be in 1..{_MAX_CONTEXT}, got {self.block_size}")
         if not 1 <= self.mlp_ratio <= 16:
             bad(f"mlp_ratio must be in 1..16, got {self.mlp_ratio}")
-        for name in ("tie_embeddings", "value_embeds"):
-            if not isinstance(getattr(self, name), bool):
-                bad(f"{name} must be true or false")
-        # finite too: rope_base=inf passed `> 1` and silently turned rotary positions off (all angles 0)
-        if not (isinstance(self.rope_base, (int, float)) and not isinstance(self.rope_base, bool)
-                and 1 < self.rope_base < math.inf):
+        # finite too (check_field_types): rope_base=inf passed `> 1` and silently turned rotary positions off
+        if not 1 < self.rope_base:
             bad(f"rope_base must be a finite number > 1, got {self.rope_base!r}")
-        if not (isinstance(self.norm_eps, (int, float)) and 0 < self.norm_eps < 1):
+        if not 0 < self.norm_eps < 1:
             bad(f"norm_eps must be in (0, 1), got {self.norm_eps!r}")
 
     @property
