@@ -16,7 +16,6 @@ import platform
 import re
 import resource
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -39,22 +38,11 @@ DOC_HEADER = ("# Benchmarks\n\n"
 COMMAND_ENV = ("OMP_NUM_THREADS", "BYTELM_NATIVE", "BYTELM_DTYPE", "CUDA_VISIBLE_DEVICES")
 
 
-def _lscpu() -> dict[str, str]:
-    """`lscpu`'s fields (model name, flags, ...); {} where lscpu is absent (not Linux)."""
-    if not shutil.which("lscpu"):
-        return {}
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10,
-                             env={**os.environ, "LC_ALL": "C"}).stdout
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in out.splitlines()) if v}
-
-
 def cpu_summary() -> str:
     """'AMD EPYC, 2 cores, AVX-512, native bf16': what decides the speed of a CPU benchmark here."""
-    info = _lscpu()
-    flags = set(info.get("Flags", "").split())
+    from bytelm.device import cpu_flags, cpu_has_fast_bf16, cpu_model  # the one CPU-feature reader
+
+    flags = cpu_flags()
     if "avx512f" in flags:
         isa = "AVX-512"
     elif "avx2" in flags:
@@ -63,9 +51,8 @@ def cpu_summary() -> str:
         isa = "no AVX2"
     else:
         isa = "vector flags unknown"
-    bf16 = "native bf16" if flags & {"avx512_bf16", "amx_bf16"} else "no native bf16"
-    name = info.get("Model name") or platform.processor() or platform.machine() or "cpu"
-    return f"{name}, {os.cpu_count()} cores, {isa}, {bf16}"
+    bf16 = "native bf16" if cpu_has_fast_bf16() else "no native bf16"
+    return f"{cpu_model() or 'cpu'}, {os.cpu_count()} cores, {isa}, {bf16}"
 
 
 def machine() -> str:

@@ -1,14 +1,18 @@
 """Device and precision choice: CUDA when present, else CPU; bf16 only where it is actually fast.
 
 Why not always bf16 on CPU: without AVX512-BF16 or AMX the CPU has no bf16 dot-product instructions, and
-PyTorch's bf16 matmul falls back to a slow path. Measured on a 2-core AMD EPYC with AVX2 only (2026-11-28,
-/tmp/mm.py: 2048x2048 matmul): fp32 123 GFLOP/s, bf16 0.34 GFLOP/s, i.e. 360x slower. On CPUs with
-avx512_bf16 the same product runs about 4x faster than fp32, so there bf16 is the default.
+PyTorch's bf16 matmul falls back to a slow path: a 2048x2048 product ran 360x slower than in fp32 on an AVX2-only
+EPYC (dev/LOG.md). On CPUs with avx512_bf16 the same product runs about 4x faster than fp32, so there bf16 is
+the default.
+
+The CPU's model name and feature flags are read here, once (cpu_model, cpu_flags), for every part that needs
+them: the dtype choice, the native library's cache key, `bytelm env` and the benchmarks.
 """
 from __future__ import annotations
 
 import functools
 import os
+import platform
 
 import torch
 
@@ -28,28 +32,63 @@ def pick_device(name: str | None = None) -> torch.device:
     return dev
 
 
+_FAST_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
 @functools.lru_cache(maxsize=None)
-def cpu_has_fast_bf16() -> bool:
-    """True if this CPU has native bf16 dot products (AVX512-BF16 or AMX-BF16)."""
+def _cpuinfo() -> tuple[str, frozenset[str]]:
+    """(model name, feature flags) of the first CPU in /proc/cpuinfo (Linux: "flags" on x86, "Features" on
+    ARM); elsewhere the platform's processor name and no flags."""
+    model, flags = "", frozenset()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "Model", "cpu model") and not model:
+                    model = value.strip()
+                elif key in ("flags", "Features") and not flags:
+                    flags = frozenset(value.split())
+                elif not line.strip() and model and flags:
+                    break  # the end of the first CPU's block
     except OSError:
         pass
-    return False
+    return model or platform.processor() or platform.machine(), flags
+
+
+def cpu_model() -> str:
+    """The CPU's model name, e.g. 'AMD EPYC 7B13'."""
+    return _cpuinfo()[0]
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as the kernel reports them (e.g. 'avx2', 'avx512_bf16'); empty off Linux."""
+    return _cpuinfo()[1]
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True if this CPU has native bf16 dot products (AVX512-BF16 or AMX-BF16)."""
+    return bool(cpu_flags() & _FAST_BF16_FLAGS)
+
+
+def dtype_choice(device: torch.device) -> tuple[str, str]:
+    """(dtype, why): the autocast precision training picks for `device` ('bf16' or 'fp32') and the reason."""
+    env = os.environ.get("BYTELM_DTYPE")
+    if env in ("bf16", "fp32"):
+        return env, f"BYTELM_DTYPE={env}"
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bf16", "this GPU supports bf16"
+        return "fp32", "this GPU has no bf16 support"
+    if cpu_has_fast_bf16():
+        found = " and ".join(sorted(cpu_flags() & _FAST_BF16_FLAGS))
+        return "bf16", f"this CPU has native bf16 dot products ({found})"
+    return "fp32", "this CPU has no native bf16 dot products (avx512_bf16 or amx_bf16), where bf16 is far slower"
 
 
 def default_dtype(device: torch.device) -> str:
     """The fastest autocast precision for `device`: 'bf16' or 'fp32'. BYTELM_DTYPE overrides."""
-    env = os.environ.get("BYTELM_DTYPE")
-    if env in ("bf16", "fp32"):
-        return env
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_has_fast_bf16() else "fp32"
+    return dtype_choice(device)[0]
 
 
 def autocast(device: torch.device, dtype: str):
