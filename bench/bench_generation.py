@@ -185,7 +185,10 @@ def main() -> None:
                  f"({model.num_params():,} parameters), fp32 (the default C step reads fp16 copies of its "
                  f"matrices), batch 1, C sampler where the C step runs. C library: {kernel_status()} "
                  f"({kernel_seconds:.2f} s).",
-           write=not args.no_write)
+           write=not args.no_write,
+           summary=(f"{kv[default]:,.0f} B/s ({args.new_bytes} new bytes, default step)",
+                    (f"HF generate() {best_hf:,.0f} B/s ({kv[default] / best_hf:.0f}x); " if best_hf else "")
+                    + f"full recompute {rec:,.0f} B/s ({kv[default] / rec:.0f}x)"))
 
 
 if __name__ == "__main__":

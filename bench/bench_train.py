@@ -105,7 +105,10 @@ def main() -> None:
              f"{args.batch_size} x {args.seq_len} bytes = {bytes_per_step:,} bytes/step; {fpb / 1e6:.1f} MFLOP "
              f"per byte (6N + 12LCT). Matmul peak measured in this run: fp32 {peak['fp32']:.0f} GFLOP/s, bf16 "
              f"{peak['bf16']:.1f} GFLOP/s. Median of {args.steps} steps after warm-up (compile time excluded).")
-    report(f"Training throughput (batch {args.batch_size} x {args.seq_len})", table, notes, write=not args.no_write)
+    measured = [r for r in rows if not isinstance(r[1], str)]
+    report(f"Training throughput (batch {args.batch_size} x {args.seq_len})", table, notes, write=not args.no_write,
+           summary=("; ".join(f"{r[0]} {r[2]:,.0f} B/s ({r[4]} MFU)" for r in measured),
+                    f"fp32 matmul peak {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.1f}"))
 
 
 if __name__ == "__main__":
