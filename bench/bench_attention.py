@@ -97,7 +97,9 @@ def main() -> None:
                             "model fwd+bwd ms, torch", "kernel", "speed-up"], rows)
     notes = (f"{torch.get_num_threads()} threads, fp32; medians of alternating runs; model rows: the whole "
              "model's forward + backward, blocks compiled, random bytes.")
-    report("Training attention: C kernel vs torch", table, notes, write=not args.no_write)
+    report("Training attention: C kernel vs torch", table, notes, write=not args.no_write,
+           summary=("model fwd+bwd " + ", ".join(f"{r[6]} ms ({r[7]}x) at {r[1].split(',')[0]}" for r in rows),
+                    "torch SDPA " + ", ".join(f"{r[5]} ms" for r in rows)))
 
 
 if __name__ == "__main__":
