@@ -2,6 +2,7 @@
 
     from bytelm import ByteLM, ModelConfig, load_model, save_checkpoint
     from bytelm import ByteLevelGenerator, InferenceConfig      # generation
+    from bytelm import score_bytes, entropy_patches             # per-byte surprisal (bytelm.score)
 """
 from .checkpoint import DEFAULT_PATH, load_model, save_checkpoint
 from .config import ModelConfig
@@ -14,6 +15,9 @@ __version__ = "0.1.0"
 _LAZY = {
     "ByteLevelGenerator": "bytelm.generation",
     "InferenceConfig": "bytelm.generation",
+    "score_bytes": "bytelm.score",
+    "ByteScores": "bytelm.score",
+    "entropy_patches": "bytelm.score",
 }
 
 
@@ -25,4 +29,5 @@ def __getattr__(name: str):
 
 
 __all__ = ["ByteLM", "KVCache", "ModelConfig", "load_model", "save_checkpoint", "DEFAULT_PATH",
-           "BytelmError", "CheckpointError", "DataError", "ByteLevelGenerator", "InferenceConfig", "__version__"]
+           "BytelmError", "CheckpointError", "DataError", "ByteLevelGenerator", "InferenceConfig", "__version__",
+           "score_bytes", "ByteScores", "entropy_patches"]

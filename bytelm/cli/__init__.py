@@ -1,9 +1,10 @@
 """`bytelm` command: one subcommand per job, each owned by the module that does the job.
 
-    bytelm train ...          train a model            (bytelm.training)
+    bytelm train ...          train a model            (bytelm.cli.train)
     bytelm chat MODEL         interactive prompt       (bytelm.repl)
     bytelm generate MODEL     one generation to stdout (bytelm.generation)
     bytelm info MODEL         describe a checkpoint    (bytelm.cli.info)
+    bytelm score MODEL FILE   bits per byte, per byte  (bytelm.cli.score, bytelm.score)
 
 Each module has `main(argv, prog)`; this file only dispatches, so `bytelm X` and `python X.py` share code.
 Command lines that belong to no other module live beside this file, one module per command.
@@ -19,10 +20,13 @@ from ..errors import run_cli
 
 # name -> (module with main(argv, prog), one-line help). Imported lazily: `bytelm --help` stays instant.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("bytelm.training", "train a byte-level model (same as python train.py)"),
+    "train": ("bytelm.cli.train", "train a byte-level model (same as python train.py)"),
     "chat": ("bytelm.repl", "interactive prompt for a trained model (same as python inference.py MODEL)"),
     "generate": ("bytelm.generation", "print one generation for a prompt"),
     "info": ("bytelm.cli.info", "print a checkpoint's config, parameter count, step and metrics"),
+    "env": ("bytelm.cli.env", "print versions, device, dtype, C library and cache (for a bug report)"),
+    "serve": ("bytelm.cli.serve", "HTTP API (OpenAI-compatible) and a web page that colours every byte"),
+    "score": ("bytelm.cli.score", "bits per byte of files under a model; per-byte surprisal, entropy patches"),
 }
 
 
