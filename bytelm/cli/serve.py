@@ -1,0 +1,74 @@
+"""`bytelm serve MODEL`: the HTTP API and web page (bytelm/server.py) on uvicorn.
+
+    bytelm serve byte_llm_model.pt                      # http://127.0.0.1:8000/  (the page), /v1/completions, ...
+    bytelm serve MODEL --port 9000 --api-key secret     # or BYTELM_API_KEY=secret bytelm serve MODEL
+    bytelm serve MODEL --max-active 16 --max-tokens 8192
+
+Needs the `serve` extra: pip install "bytelm[serve]" (FastAPI and uvicorn). docs/serving.md has every route.
+"""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+from typing import Sequence
+
+from ..errors import BytelmError
+from .args import add_dataclass_arguments, given_values
+
+API_KEY_ENV = "BYTELM_API_KEY"
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "bytelm serve") -> int:
+    try:
+        import uvicorn
+
+        from ..server import ServeSettings, create_app
+    except ImportError as e:
+        raise BytelmError(f"bytelm serve needs FastAPI and uvicorn ({e.name} is missing): "
+                          "pip install \"bytelm[serve]\"") from None
+    from ..checkpoint import load_model
+    from ..device import pick_device
+
+    parser = argparse.ArgumentParser(prog=prog, description="Serve a model over HTTP: an OpenAI-compatible "
+                                     "API and a web page that shows what the model expected at every byte.")
+    parser.add_argument("model", help="checkpoint file, e.g. byte_llm_model.pt")
+    add_dataclass_arguments(parser, ServeSettings)
+    parser.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available, else cpu)")
+    parser.add_argument("--threads", type=int, default=1, metavar="N",
+                        help="CPU threads for torch (default: 1; one-byte steps are too small to share out)")
+    parser.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
+    args = parser.parse_args(argv)
+    settings = ServeSettings(**given_values(args, ServeSettings))
+    if not settings.api_key:
+        settings.api_key = os.environ.get(API_KEY_ENV, "")
+    settings.validate()
+    if args.threads < 1:
+        raise BytelmError(f"--threads must be at least 1, got {args.threads}")
+
+    import torch
+    torch.set_num_threads(args.threads)
+    model, _ = load_model(args.model, pick_device(args.device))  # a bad checkpoint stops here, in one line
+    app = create_app(model, settings, name=os.path.splitext(os.path.basename(args.model))[0])
+    if not _is_loopback(settings.host) and not settings.api_key:
+        print(f"warning: listening on {settings.host} without an API key: anyone who can reach this port can "
+              f"use the model (set --api-key or {API_KEY_ENV})", file=sys.stderr)
+    print(f"bytelm serve: {args.model} ({model.num_params():,} parameters) at "
+          f"http://{settings.host}:{settings.port}/ ; Ctrl-C stops", file=sys.stderr, flush=True)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
+                            access_log=args.access_log, timeout_graceful_shutdown=2)
+    try:
+        uvicorn.Server(config).run()
+    except KeyboardInterrupt:
+        pass
+    return 0
