@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from common import SHAKESPEARE, markdown_table, report  # noqa: E402
 from bytelm.checkpoint import load_model  # noqa: E402
 from bytelm.decode import FastDecoder  # noqa: E402
-from bytelm.native import kernel_status  # noqa: E402
+from bytelm import native  # noqa: E402
 
 
 def run(model, decoder: FastDecoder, text: bytes) -> tuple[float, list[int], float]:
@@ -54,7 +54,7 @@ def main() -> None:
     text = data[int(len(data) * 0.9):][:args.bytes]
     exact, half = FastDecoder(model), FastDecoder(model, half=True)
     if not (exact.native and half.half):
-        sys.exit(f"error: the C step with fp16 weights is not available here ({kernel_status()})")
+        sys.exit(f"error: the C step with fp16 weights is not available here ({native.status()})")
     bpb32, top32, speed32 = run(model, exact, text)
     bpb16, top16, speed16 = run(model, half, text)
     agree = sum(a == b for a, b in zip(top32, top16)) / len(top32)

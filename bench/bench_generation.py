@@ -1,6 +1,7 @@
 """Generation speed, side by side in one run: bytelm with its KV cache (each one-byte step in C with fp16 or
-fp32 weights, as lean torch operations, and through ByteLM.forward), bytelm recomputing the whole window for every byte (what the upstream
-code did), and HuggingFace transformers GPT2LMHeadModel.generate() of the same shape. Then bytelm alone past the window: 4,096 new bytes, time to first byte, peak RSS.
+fp32 weights, as lean torch operations, and through ByteLM.forward), bytelm recomputing the whole window for
+every byte (what the upstream code did), and HuggingFace transformers GPT2LMHeadModel.generate() of the same
+shape. Then bytelm alone past the window: 4,096 new bytes, time to first byte, peak RSS.
 
     python bench/bench_generation.py            # appends a table to docs/benchmarks.md
     python bench/bench_generation.py --no-write --new-bytes 64 --repeats 1
@@ -25,7 +26,7 @@ from bytelm.config import ModelConfig  # noqa: E402
 from bytelm.decode import FastDecoder  # noqa: E402
 from bytelm.generation import ByteLevelGenerator, InferenceConfig  # noqa: E402
 from bytelm.model import ByteLM  # noqa: E402
-from bytelm.native import decode_kernel, kernel_status  # noqa: E402
+from bytelm import native  # noqa: E402
 from bytelm.sampling import CSampler, sample_next  # noqa: E402
 
 PROMPT = (b"The quick brown fox jumps over the lazy dog. Byte-level models read"[:64])
@@ -121,7 +122,8 @@ def step_costs(model, positions=(64, 256, 500), repeats=200) -> list[list]:
             t0 = time.perf_counter()
             for _ in range(repeats * 5):
                 sampler(logits, 0, 0, g)
-            rows.append(["C sampler (any position)", *[(time.perf_counter() - t0) / (repeats * 5) * 1e3] * len(positions)])
+            ms = (time.perf_counter() - t0) / (repeats * 5) * 1e3
+            rows.append(["C sampler (any position)", *[ms] * len(positions)])
     return rows
 
 
@@ -139,7 +141,7 @@ def main() -> None:
     threads = torch.get_num_threads()
 
     t0 = time.perf_counter()
-    decode_kernel()  # built (or loaded) once, before any timing: a first-use cost, not a per-generation one
+    native.library()  # built (or loaded) once, before any timing: a first-use cost, not a per-generation one
     kernel_seconds = time.perf_counter() - t0
     # bytelm alone first, so the peak RSS is ours and not the HF model's.
     long_bps, long_ttfb = bytelm_kv(model, args.long_bytes, 1)  # 1 thread: what the CLIs use
@@ -169,10 +171,10 @@ def main() -> None:
         rows.append([f"bytelm, KV cache, {name}", 1, v, v / rec, (v / best_hf) if best_hf else "n/a"])
     rows.append(["bytelm, full-window recompute (upstream)", threads, rec, 1.0, rec / best_hf if best_hf else "n/a"])
     for t, v in hf.items():
-        rows.append([f"HF transformers GPT2 generate()", t, v if v else "not installed", (v / rec) if v else "n/a",
+        rows.append(["HF transformers GPT2 generate()", t, v if v else "not installed", (v / rec) if v else "n/a",
                      (v / best_hf) if v else "n/a"])
-    table = markdown_table([f"generator ({args.new_bytes} new bytes, 64-byte prompt)", "threads", "bytes/s", "x recompute",
-                            "x best HF"], rows)
+    table = markdown_table([f"generator ({args.new_bytes} new bytes, 64-byte prompt)", "threads", "bytes/s",
+                            "x recompute", "x best HF"], rows)
     table += "\n\n" + markdown_table(
         ["bytelm past the window", "new bytes", "bytes/s", "time to first byte (ms)", "peak RSS (MB)"],
         [["KV cache, default step, sliding window", args.long_bytes, long_bps, long_ttfb * 1000, rss]])
@@ -183,7 +185,7 @@ def main() -> None:
                  f"against full recompute, round by round: "
                  f"{', '.join(f'{r:.0f}x' for r in round_ratios)}. Untrained default model "
                  f"({model.num_params():,} parameters), fp32 (the default C step reads fp16 copies of its "
-                 f"matrices), batch 1, C sampler where the C step runs. C library: {kernel_status()} "
+                 f"matrices), batch 1, C sampler where the C step runs. C library: {native.status()} "
                  f"({kernel_seconds:.2f} s).",
            write=not args.no_write,
            summary=(f"{kv[default]:,.0f} B/s ({args.new_bytes} new bytes, default step)",

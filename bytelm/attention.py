@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .native import decode_kernel
+from .native import library
 
 _lib = None
 _ready = False  # read by the model's forward: a plain global, so compiled code sees a constant
@@ -28,8 +28,8 @@ def kernel_ready() -> bool:
     """Whether the attention kernel is available in this process (builds the C library on first use)."""
     global _lib, _ready
     if _lib is None:
-        lib = decode_kernel()
-        if lib is not None and lib.bytelm_attention_supported():
+        lib = library()
+        if lib is not None and hasattr(lib, "bytelm_attention_supported") and lib.bytelm_attention_supported():
             _lib, _ready = lib, True
     return _ready
 

@@ -15,12 +15,13 @@ and the generator uses this step only for batch-1 single-byte steps on a real By
 """
 from __future__ import annotations
 
+import ctypes
 import math
 
 import torch
 
 from .model import ByteLM, KVCache
-from .native import decode_kernel
+from .native import DecodeStep, library as native_library
 
 
 def _largest_magnitude(t: torch.Tensor) -> float:
@@ -73,7 +74,7 @@ class FastDecoder:
         self._kernel = None
         self.half = False
         if native and p.device.type == "cpu" and p.dtype == torch.float32:
-            lib = decode_kernel()
+            lib = native_library()
             if lib is not None:
                 self._kernel = lib.bytelm_decode_step
                 self._scratch = torch.empty(5 * cfg.n_embd + max(self.hidden, cfg.block_size))
@@ -85,9 +86,14 @@ class FastDecoder:
                     matrices = [m.half() for m in matrices]  # round to nearest even, as F16C converts back
                     self.half = True
                 self._matrices = matrices  # kept alive: the kernel reads them by address
-                tensors = (self.embed, *matrices, self.cos, self.sin)
-                self._pointers = [t.data_ptr() for t in tensors]
-                self._pointers.append(self.value_embed.data_ptr() if self.value_embed is not None else None)
+                # The C step's arguments, filled once; each step sets the cache and passes the position and byte.
+                args = self._args = DecodeStep(
+                    n_layer=self.n_layer, C=self.n_embd, H=self.n_head, F=self.hidden, V=cfg.vocab_size,
+                    rope_len=self.cos.size(0), half=int(self.half), eps=self.eps, qk_eps=self.qk_eps)
+                args.set_buffers(embed=self.embed, **dict(zip(("w_qkv", "w_proj", "w_fc", "w_out", "head"), matrices)),
+                                 rope_cos=self.cos, rope_sin=self.sin, value_embed=self.value_embed,
+                                 scratch=self._scratch, logits=self._logits)
+                self._args_ref = ctypes.byref(args)
 
     @property
     def native(self) -> bool:
@@ -98,16 +104,18 @@ class FastDecoder:
         """byte: an int, or a 0-dim or 1-element int64 tensor. Returns logits (256,) in the weights' dtype.
         copy=False may return a buffer the next step overwrites (the generator reads it at once)."""
         pos = cache.pos
-        if pos >= self.block_size or cache.k.size(1) != 1:
+        if not 0 <= pos < self.block_size or cache.k.size(1) != 1:
             raise ValueError(f"FastDecoder.step needs a batch-1 cache with room (pos {pos}, "
                              f"context {self.block_size})")
-        if self._kernel is not None and cache.k.dtype == torch.float32 and cache.k.is_contiguous() \
-                and cache.k.device.type == "cpu":
-            return self._step_native(int(byte), cache, copy)
+        byte = int(byte)
+        if not 0 <= byte < self.embed.size(0):  # checked here too: ctypes would wrap a huge int silently
+            raise ValueError(f"FastDecoder.step: byte {byte} is outside 0..{self.embed.size(0) - 1}")
+        if self._kernel is not None and all(t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu"
+                                            for t in (cache.k, cache.v)):
+            return self._step_native(byte, cache, copy)
         H, D = self.n_head, self.head_dim
         end = pos + 1
         cos, sin = self.cos[pos], self.sin[pos]  # (2, 1, D)
-        byte = int(byte)
         x = self.embed[byte]  # (C,)
         for i, (w_qkv, w_proj, w_fc, w_out) in enumerate(zip(self.w_qkv, self.w_proj, self.w_fc, self.w_out)):
             h = x * torch.rsqrt(x.square().mean().add_(self.eps))  # RMSNorm without its weight (folded)
@@ -128,11 +136,11 @@ class FastDecoder:
         return torch.mv(self.head, h)  # (V,)
 
     def _step_native(self, byte: int, cache: KVCache, copy: bool) -> torch.Tensor:
-        status = self._kernel(self.n_layer, self.n_embd, self.n_head, self.hidden, self.head.size(0), cache.max_len,
-                              cache.pos, byte, int(self.half), self.eps, self.qk_eps, *self._pointers,
-                              cache.k.data_ptr(), cache.v.data_ptr(), self._scratch.data_ptr(),
-                              self._logits.data_ptr())
-        if status:
-            raise ValueError(f"C decode step refused position {cache.pos}, byte {byte}")
+        args = self._args
+        args.max_len = cache.k.size(3)
+        args.set_buffers(k_cache=cache.k, v_cache=cache.v)  # the C step checks their sizes against the model's
+        if self._kernel(self._args_ref, cache.pos, byte):
+            raise ValueError(f"the C decode step refused position {cache.pos}, byte {byte}: "
+                             f"{args.error.decode(errors='replace')}")
         cache.pos += 1
         return self._logits.clone() if copy else self._logits  # the buffer is reused by the next step

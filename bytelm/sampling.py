@@ -141,13 +141,23 @@ class CSampler:
 
     @classmethod
     def create(cls, settings) -> "CSampler | None":
-        from .native import decode_kernel
-        lib = decode_kernel()
+        from .native import library
+        lib = library()
         return None if lib is None else cls(lib.bytelm_sample, settings)
 
     def __call__(self, logits: torch.Tensor, recent_address: int, n_recent: int,
                  generator: torch.Generator | None) -> int:
         """logits: (V,) contiguous float32 on the CPU. Draws one uniform from `generator` unless greedy, exactly
-        as sample_next does, so the generator's state after each byte is the same on both paths."""
+        as sample_next does, so the generator's state after each byte is the same on both paths.
+        recent_address: n_recent bytes the caller owns. Raises ValueError for logits or settings the C code
+        refuses."""
+        if not (logits.dtype == torch.float32 and logits.device.type == "cpu" and logits.is_contiguous()
+                and 0 < logits.numel() <= 256 and 0 <= n_recent < 2 ** 31):
+            raise ValueError("CSampler needs 1 to 256 contiguous float32 CPU logits and 0 <= n_recent < 2**31, got "
+                             f"{tuple(logits.shape)} {logits.dtype} on {logits.device}, n_recent {n_recent}")
         u = 0.0 if self.greedy else torch.rand((1,), generator=generator, dtype=torch.float64).item()
-        return self._fn(logits.data_ptr(), logits.numel(), recent_address, n_recent, *self._args, u)
+        byte = self._fn(logits.data_ptr(), logits.numel(), recent_address, n_recent, *self._args, u)
+        if byte < 0:
+            from .native import SAMPLE_ERRORS
+            raise ValueError(f"the C sampler refused the call: {SAMPLE_ERRORS.get(byte, byte)}")
+        return byte

@@ -14,7 +14,7 @@ from bytelm.config import ModelConfig
 from bytelm.decode import FastDecoder
 from bytelm.generation import ByteLevelGenerator
 from bytelm.model import ByteLM
-from bytelm.native import decode_kernel, kernel_status
+from bytelm.native import library, status
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_COMPILER = any(shutil.which(c) for c in ("gcc", "cc", "clang"))
@@ -53,7 +53,7 @@ def test_fast_step_matches_reference_to_the_last_position(native):
     model = perturbed_model()
     decoder = FastDecoder(model, native=native)
     if native and HAS_COMPILER:
-        assert decoder.native, kernel_status()  # a machine with a compiler must get the C step
+        assert decoder.native, status()  # a machine with a compiler must get the C step
     worst, ref, fast = run_both(model, decoder, prefill=5, steps=35)  # fills the 40-byte context exactly
     assert worst < 1e-4
     assert ref.pos == fast.pos == 40
@@ -93,7 +93,7 @@ def test_fast_step_head_sizes_of_the_vector_attention(shape):
     torch.testing.assert_close(fast.k, ref.k, atol=1e-5, rtol=1e-4)
 
 
-HALF = HAS_COMPILER and decode_kernel() is not None and bool(decode_kernel().bytelm_half_supported())
+HALF = HAS_COMPILER and library() is not None and bool(library().bytelm_half_supported())
 
 
 @pytest.mark.skipif(not HALF, reason="this build of the C step has no half-precision weights (no F16C)")
@@ -151,36 +151,36 @@ def test_weights_changed_between_generations_are_seen():
 
 @pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler on this machine")
 def test_kernel_is_built_once_and_cached(tmp_path):
-    assert decode_kernel() is not None, kernel_status()
-    code = ("from bytelm.native import decode_kernel, kernel_status; decode_kernel(); print(kernel_status())")
+    assert library() is not None, status()
+    code = ("from bytelm.native import library, status; library(); print(status())")
     env = dict(os.environ, BYTELM_CACHE=str(tmp_path))
     first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO)
     second = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO)
     assert first.stdout.startswith("compiled: "), first.stdout + first.stderr
     assert second.stdout.startswith("loaded from cache: "), second.stdout + second.stderr
-    assert list((tmp_path / "native").glob("*.tmp")) == []  # no temporary left behind
+    assert [p.name for p in (tmp_path / "native").iterdir() if p.name.startswith(".")] == []  # no temporaries
 
 
 @pytest.mark.parametrize("env, expect", [
     (dict(BYTELM_NATIVE="0"), "off (BYTELM_NATIVE=0)"),
-    (dict(CC="false"), "C decode step unavailable"),  # a "compiler" that fails
+    (dict(CC="false"), "the C library is unavailable"),  # a "compiler" that fails
 ], ids=["disabled", "compiler-fails"])
 def test_without_the_kernel_generation_falls_back_to_torch(tmp_path, env, expect):
     code = ("import torch\n"
             "from bytelm.config import ModelConfig\nfrom bytelm.model import ByteLM\n"
-            "from bytelm.generation import ByteLevelGenerator\nfrom bytelm.native import kernel_status\n"
+            "from bytelm.generation import ByteLevelGenerator\nfrom bytelm.native import status\n"
             "torch.manual_seed(0)\n"
             "g = ByteLevelGenerator(ByteLM(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=16)))\n"
             "out = g.generate_bytes(b'hi', temperature=0, max_new_bytes=30, stop_at_separator=False)\n"
-            "print(len(out), g.last_stats['step'], kernel_status(), sep='|')\n")
+            "print(len(out), g.last_stats['step'], status(), sep='|')\n")
     env = dict(os.environ, BYTELM_CACHE=str(tmp_path), **env)
     if "CC" in env and not shutil.which(env["CC"]):
         pytest.skip("no `false` program to stand in for a broken compiler")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stderr
-    length, step, status = done.stdout.strip().split("|")
+    length, step, state = done.stdout.strip().split("|")
     assert (length, step) == ("30", "torch")
-    assert status.startswith(expect)
+    assert state.startswith(expect)
     assert "Traceback" not in done.stderr
 
 
@@ -188,13 +188,13 @@ def test_without_the_kernel_generation_falls_back_to_torch(tmp_path, env, expect
 def test_a_cached_library_others_can_write_is_never_loaded(tmp_path):
     """Loading a library runs its code: one that another user could have replaced is refused, and generation
     still works through the torch step."""
-    code = ("import torch\nfrom bytelm.native import decode_kernel, kernel_status\n"
-            "print(decode_kernel() is not None, kernel_status(), sep='|')\n")
+    code = ("import torch\nfrom bytelm.native import library, status\n"
+            "print(library() is not None, status(), sep='|')\n")
     env = dict(os.environ, BYTELM_CACHE=str(tmp_path))
     first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO)
     assert first.stdout.startswith("True|compiled"), first.stdout + first.stderr
     (lib,) = (tmp_path / "native").glob("decode_step-*.so")
     lib.chmod(0o777)
     second = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO)
-    loaded, status = second.stdout.strip().split("|")
-    assert loaded == "False" and "writable by other users" in status, second.stdout + second.stderr
+    loaded, state = second.stdout.strip().split("|")
+    assert loaded == "False" and "writable by other users" in state, second.stdout + second.stderr

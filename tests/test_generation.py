@@ -17,7 +17,7 @@ from bytelm.config import DOC_SEPARATOR, ModelConfig
 from bytelm.errors import BytelmError, run_cli
 from bytelm.generation import ByteLevelGenerator, InferenceConfig, decode_stream, demo_main, main
 from bytelm.model import ByteLM, KVCache
-from bytelm.native import decode_kernel
+from bytelm.native import library as native_library
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden" / "greedy.txt"
@@ -280,7 +280,7 @@ def test_generate_command_exact_runs_the_fp32_step(tiny_checkpoint, capsys):
     assert exact_step in ("C", "torch")  # torch where there is no C compiler
     assert run_cli(main, args) == 0
     default_step = capsys.readouterr().err.strip().rsplit("decode step ", 1)[1]
-    if exact_step == "C" and decode_kernel().bytelm_half_supported():
+    if exact_step == "C" and native_library().bytelm_half_supported():
         assert default_step == "C, fp16 weights"
 
 

@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("bytelm.repl", "interactive prompt for a trained model (same as python inference.py MODEL)"),
     "generate": ("bytelm.generation", "print one generation for a prompt"),
     "info": ("bytelm.cli.info", "print a checkpoint's config, parameter count, step and metrics"),
+    "env": ("bytelm.cli.env", "print versions, device, dtype, C library and cache (for a bug report)"),
     "serve": ("bytelm.cli.serve", "HTTP API (OpenAI-compatible) and a web page that colours every byte"),
     "env": ("bytelm.cli.env", "print versions, device, dtype, C library and cache (for a bug report)"),
     "serve": ("bytelm.cli.serve", "HTTP API (OpenAI-compatible) and a web page that colours every byte"),

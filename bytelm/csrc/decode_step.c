@@ -4,18 +4,23 @@
  * call: at batch 1 a step is ~25 small matrix-vector products plus ~150 elementwise operations, and in torch
  * each of those costs microseconds of dispatch. Here the step is bounded by reading the weights once.
  *
- * Built and loaded by bytelm/native.py (gcc or cc, -O3 -march=native -fopenmp); tests/test_decode.py
- * checks it against the reference. Layouts (all row-major, contiguous, float32):
+ * Built and loaded by bytelm/native.py (-O3 -march=native); tests/test_decode.py checks it against the
+ * reference. The caller fills a DecodeStep (bytelm.native.DecodeStep, the same fields in the same order) once
+ * and passes it with each position and byte. Layouts (all row-major, contiguous, float32):
  *   embed (V, C); w_qkv (L, 3C, C); w_proj (L, C, C); w_fc (L, F, C); w_out (L, C, F); head (V, C)
  *   (the last five float, or IEEE half when `half` is set: see bytelm_half_supported)
- *   rope_cos, rope_sin (T, 2, D): per position, a row for queries (scaled by 1/sqrt(D)) and one for keys
+ *   rope_cos, rope_sin (rope_len, 2, D): per position, a row for queries (scaled by 1/sqrt(D)) and one for keys
  *   value_embed (V, L, C) or NULL: each layer's row for the byte, added to its values (ModelConfig.value_embeds)
  *   k_cache, v_cache (L, H, max_len, D): the KVCache tensors of batch 1
  *   scratch: at least 5C + max(F, max_len) floats; logits (V)
+ * Every buffer comes with its size in elements, and bytelm_decode_step checks the dimensions, the sizes, the
+ * position and the byte before it touches any memory: a wrong call is refused with a message in `error`.
  * RMSNorm weights are already folded into w_qkv, w_fc and head (see decode.py).
  */
 #include <math.h>
 #include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
 
 #include "attend.h"
 
@@ -68,7 +73,7 @@ static inline __attribute__((always_inline)) float load1(const void *w, size_t i
 
 /* y (rows) = W (rows, cols) @ x (cols) [+ y if accumulate], eight rows at a time: eight independent chains of
  * FMAs. With four, each FMA waited on the previous one in its chain, and latency, not memory, bounded the
- * loop; eight made the default model's products about 1.6x faster (2026-12-02, docs/generation.md). */
+ * loop; eight made the default model's products about 1.6x faster (docs/generation.md). */
 static inline __attribute__((always_inline)) void matvec8(const void *restrict w, const float *restrict x,
                                                           float *restrict y, int rows, int cols, int accumulate,
                                                           int half) {
@@ -170,25 +175,115 @@ static void norm_rotate(float *restrict v, const float *restrict cos_row, const 
 }
 
 /* y += x (n). Kept out of line: inlined into the step, the step of a model WITHOUT value embeddings measured
- * 10-15% slower than before in alternating runs (2026-12-01, default model, fp16 weights); out of line, the
- * same as before within the noise. */
+ * 10-15% slower in alternating runs (default model, fp16 weights); out of line, no slower within the noise. */
 __attribute__((noinline)) static void add_row(float *restrict y, const float *restrict x, int n) {
     for (int i = 0; i < n; i++) y[i] += x[i];
 }
 
-int bytelm_decode_step(int n_layer, int C, int H, int F, int V, int max_len, int pos, int byte, int half,
-                       float eps, float qk_eps,
-                       const float *embed, const void *w_qkv, const void *w_proj, const void *w_fc,
-                       const void *w_out, const void *head, const float *rope_cos, const float *rope_sin,
-                       const float *value_embed, float *k_cache, float *v_cache, float *scratch, float *logits) {
-    if (pos < 0 || pos >= max_len || byte < 0 || byte >= V || C % H || (half && !HAVE_HALF)) return 1;
+/* The model and buffers of a decode step: bytelm.native.DecodeStep declares the same fields in the same order
+ * (bytelm_decode_step_size lets it check). Each buffer's size is its length in elements, as allocated. */
+typedef struct {
+    int32_t n_layer, C, H, F, V, max_len, rope_len, half;
+    float eps, qk_eps;
+    const float *embed; int64_t embed_size;
+    const void *w_qkv; int64_t w_qkv_size;
+    const void *w_proj; int64_t w_proj_size;
+    const void *w_fc; int64_t w_fc_size;
+    const void *w_out; int64_t w_out_size;
+    const void *head; int64_t head_size;
+    const float *rope_cos; int64_t rope_cos_size;
+    const float *rope_sin; int64_t rope_sin_size;
+    const float *value_embed; int64_t value_embed_size;  /* NULL and 0 without value embeddings */
+    float *k_cache; int64_t k_cache_size;
+    float *v_cache; int64_t v_cache_size;
+    float *scratch; int64_t scratch_size;
+    float *logits; int64_t logits_size;
+    char error[200];  /* why the last call was refused */
+} DecodeStep;
+
+size_t bytelm_decode_step_size(void) { return sizeof(DecodeStep); }
+
+/* a * b * c * d, or -1 if it overflows int64 (every factor >= 0) */
+static int64_t product(int64_t a, int64_t b, int64_t c, int64_t d) {
+    int64_t ab, abc, abcd;
+    if (__builtin_mul_overflow(a, b, &ab) || __builtin_mul_overflow(ab, c, &abc) ||
+        __builtin_mul_overflow(abc, d, &abcd)) return -1;
+    return abcd;
+}
+
+/* 0 if buffer `name` is there and holds `want` elements (at least `want` when `at_least`), else 1 with the
+ * reason in s->error */
+static int check_buffer(DecodeStep *s, const char *name, const void *data, int64_t size, int64_t want, int at_least) {
+    if (want < 0) { snprintf(s->error, sizeof s->error, "the size of %s overflows", name); return 1; }
+    if (!data) { snprintf(s->error, sizeof s->error, "%s is NULL", name); return 1; }
+    if (at_least ? size < want : size != want) {
+        snprintf(s->error, sizeof s->error, "%s holds %lld elements where the dimensions need %s%lld", name,
+                 (long long)size, at_least ? "at least " : "", (long long)want);
+        return 1;
+    }
+    return 0;
+}
+
+/* 0 if the dimensions are positive and consistent and every buffer has the size they imply, else 1 */
+static int check_step(DecodeStep *s) {
+    if (s->n_layer < 1 || s->C < 1 || s->H < 1 || s->F < 1 || s->V < 1 || s->max_len < 1 || s->rope_len < 1) {
+        snprintf(s->error, sizeof s->error, "dimensions must be positive (n_layer %d, C %d, H %d, F %d, V %d, "
+                 "max_len %d, rope_len %d)", s->n_layer, s->C, s->H, s->F, s->V, s->max_len, s->rope_len);
+        return 1;
+    }
+    if (s->C % s->H || (s->C / s->H) % 2) {
+        snprintf(s->error, sizeof s->error, "C (%d) must split into H (%d) heads of even size", s->C, s->H);
+        return 1;
+    }
+    if (s->half != 0 && (s->half != 1 || !HAVE_HALF)) {
+        snprintf(s->error, sizeof s->error, "half-precision weights are not supported by this build");
+        return 1;
+    }
+    const int64_t L = s->n_layer, C = s->C, F = s->F, V = s->V, D = C / s->H;
+    const int64_t scratch = 5 * C + (F > s->max_len ? F : s->max_len);
+    return check_buffer(s, "embed", s->embed, s->embed_size, product(V, C, 1, 1), 0)
+        || check_buffer(s, "w_qkv", s->w_qkv, s->w_qkv_size, product(L, 3, C, C), 0)
+        || check_buffer(s, "w_proj", s->w_proj, s->w_proj_size, product(L, C, C, 1), 0)
+        || check_buffer(s, "w_fc", s->w_fc, s->w_fc_size, product(L, F, C, 1), 0)
+        || check_buffer(s, "w_out", s->w_out, s->w_out_size, product(L, C, F, 1), 0)
+        || check_buffer(s, "head", s->head, s->head_size, product(V, C, 1, 1), 0)
+        || check_buffer(s, "rope_cos", s->rope_cos, s->rope_cos_size, product(s->rope_len, 2, D, 1), 0)
+        || check_buffer(s, "rope_sin", s->rope_sin, s->rope_sin_size, product(s->rope_len, 2, D, 1), 0)
+        || (s->value_embed || s->value_embed_size
+            ? check_buffer(s, "value_embed", s->value_embed, s->value_embed_size, product(V, L, C, 1), 0) : 0)
+        || check_buffer(s, "k_cache", s->k_cache, s->k_cache_size, product(L, C, s->max_len, 1), 0)
+        || check_buffer(s, "v_cache", s->v_cache, s->v_cache_size, product(L, C, s->max_len, 1), 0)
+        || check_buffer(s, "scratch", s->scratch, s->scratch_size, scratch, 1)
+        || check_buffer(s, "logits", s->logits, s->logits_size, V, 1);
+}
+
+/* Feeds `byte` at position `pos`: writes its keys and values into the caches at `pos` and the next byte's logits
+ * into s->logits. Returns 0, or 1 (nothing touched) with the reason in s->error. */
+int bytelm_decode_step(DecodeStep *s, int pos, int byte) {
+    if (!s) return 1;
+    s->error[0] = '\0';
+    if (check_step(s)) return 1;
+    if (pos < 0 || pos >= s->max_len || pos >= s->rope_len) {
+        snprintf(s->error, sizeof s->error, "position %d is outside the cache (%d positions) or the rotary tables "
+                 "(%d)", pos, s->max_len, s->rope_len);
+        return 1;
+    }
+    if (byte < 0 || byte >= s->V) {
+        snprintf(s->error, sizeof s->error, "byte %d is outside 0..%d", byte, s->V - 1);
+        return 1;
+    }
+    const int n_layer = s->n_layer, C = s->C, H = s->H, F = s->F, V = s->V, max_len = s->max_len, half = s->half;
+    const float eps = s->eps, qk_eps = s->qk_eps;
+    const float *embed = s->embed, *value_embed = s->value_embed;
+    const void *w_qkv = s->w_qkv, *w_proj = s->w_proj, *w_fc = s->w_fc, *w_out = s->w_out, *head = s->head;
+    float *k_cache = s->k_cache, *v_cache = s->v_cache, *logits = s->logits;
     const int D = C / H, end = pos + 1;
-    float *x = scratch;              /* (C) the residual stream */
+    float *x = s->scratch;           /* (C) the residual stream */
     float *h = x + C;                /* (C) normalised input of a matrix */
     float *qkv = h + C;              /* (3C) */
     float *hidden = qkv + 3 * C;     /* (max(F, max_len)): MLP hidden, or attention weights of one head */
-    const float *cos_q = rope_cos + (size_t)pos * 2 * D, *cos_k = cos_q + D;
-    const float *sin_q = rope_sin + (size_t)pos * 2 * D, *sin_k = sin_q + D;
+    const float *cos_q = s->rope_cos + (size_t)pos * 2 * D, *cos_k = cos_q + D;
+    const float *sin_q = s->rope_sin + (size_t)pos * 2 * D, *sin_k = sin_q + D;
 
     for (int i = 0; i < C; i++) x[i] = embed[(size_t)byte * C + i];
     for (int l = 0; l < n_layer; l++) {
