@@ -1,7 +1,24 @@
-"""Shared fixtures: small corpora that need nothing from outside the repo and ../shared."""
+"""Shared fixtures: small corpora that need nothing from outside the repo and ../shared, and caches kept out
+of the user's: the data cache, the native library and torch.compile's output go to a temporary folder."""
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# Set at import, before any test module is collected (some load the native library at import), and in
+# os.environ, so every subprocess a test starts inherits it.
+CACHE = Path(tempfile.mkdtemp(prefix="bytelm-test-cache-"))
+os.environ["BYTELM_CACHE"] = str(CACHE / "bytelm")
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(CACHE / "torchinductor")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_caches():
+    """The session's cache folder (BYTELM_CACHE and TORCHINDUCTOR_CACHE_DIR below it), removed at the end."""
+    yield CACHE
+    shutil.rmtree(CACHE, ignore_errors=True)
 
 # In CI the repo is cloned with shared/ beside it: <clone>/../shared.
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -16,7 +33,7 @@ TINY_DOCS = {  # corpus order (sorted by path) -> content; each a few KB, so win
 @pytest.fixture
 def tiny_corpus_dir(tmp_path) -> Path:
     """A folder of the three TINY_DOCS, plus a hidden file, a hidden folder and an empty file that loading
-    skips. With val_fraction 0.05: train = a.txt NUL b.txt, val = sub/c.txt."""
+    skips. With val_fraction 0.05: train = a.txt NUL b.txt NUL most of sub/c.txt, val = the last 5%."""
     root = tmp_path / "corpus"
     for name, content in TINY_DOCS.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
