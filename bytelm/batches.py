@@ -15,13 +15,45 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from .corpus import _check_rank, check_size
+from .documents import check_rank
 from .errors import DataError
+from .memory import format_bytes, memory_limit
+from .split import check_size
+
+STATE_VERSION = 2  # of BatchSampler.state_dict(): refused unless equal, so a resumed stream is always exact
+# Bytes per element of a (B, T + 1) batch while it is cut: the int64 index, the gathered uint8 window, its
+# int64 copy, and x and y (int64, T each).
+_BYTES_PER_WINDOW_BYTE = 8 + 1 + 8 + 16
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
 
 def _check_shape(batch_size: int, seq_len: int) -> None:
     for label, v in (("batch_size", batch_size), ("seq_len", seq_len)):
-        if not (isinstance(v, int) and v >= 1):
+        if not (_is_int(v) and v >= 1):
             raise DataError(f"{label} must be a positive integer, got {v!r}")
+
+
+def check_memory(need: int, what: str, fix: str) -> None:
+    """Raise DataError before allocating `need` bytes for `what` if that is more than half the memory this
+    process may use: the model's activations for the same batch need many times more than the batch."""
+    limit, source = memory_limit()
+    if limit is not None and need > limit // 2:
+        raise DataError(f"{what} needs {format_bytes(need)}, more than half of the {format_bytes(limit)} this "
+                        f"process may use ({source}); {fix}")
+
+
+def _check_batch_memory(batch_size: int, seq_len: int, n_windows: int, bytes_per_window: int,
+                        rows: int | None = None) -> None:
+    """One batch of `rows` windows (batch_size, unless the split has fewer), and the n_windows start positions
+    (int64 arrays, bytes_per_window in all) made up front."""
+    rows = batch_size if rows is None else rows
+    check_memory(rows * (seq_len + 1) * _BYTES_PER_WINDOW_BYTE,
+                 f"a batch of batch_size {batch_size:,} x seq_len {seq_len:,}", "lower batch_size or seq_len")
+    check_memory(n_windows * bytes_per_window, f"indexing {n_windows:,} windows of seq_len {seq_len:,}",
+                 "raise seq_len or use less data")
 
 
 def _as_array(data) -> np.ndarray:
@@ -38,9 +70,9 @@ def _windows(data: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[torch.
     return window[:, :-1].contiguous(), window[:, 1:].contiguous()  # x, y: (B, T) each
 
 
-def _batch_seed(seed: int, rank: int, k: int) -> int:
-    """A well-mixed 63-bit seed for batch k of (seed, rank): no two ranks or batches share a stream."""
-    digest = hashlib.blake2b(f"bytelm-batch {seed} {rank} {k}".encode(), digest_size=8).digest()
+def _pass_seed(seed: int, p: int) -> int:
+    """A well-mixed 63-bit seed for pass p of `seed`: no two passes or seeds share an order."""
+    digest = hashlib.blake2b(f"bytelm-batch {seed} -1 {p}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
 
 
@@ -56,30 +88,28 @@ class BatchSampler:
     generator seeded with hash(seed, pass), so the whole state is the pair (seed, batches drawn): identical on
     every rank. Saving rank 0's state_dict and loading it on every rank resumes each rank's own stream exactly.
 
-    Why passes: on tinyshakespeare, windows drawn independently (with replacement, as before 2026-12-02) left
-    1.5% of the bytes never a target after 2,000 steps of 16 x 128 (4.1 passes' worth) and 5.4% a target eight
-    times or more; passes scored 0.010 and 0.015 lower validation bits per byte in 1,200-step screens of two
-    seeds, and 0.026 lower at 2,000 steps (docs/training.md). A resume state saved by that sampler (version 1)
-    goes on drawing that way, so its run continues as it began.
+    Why passes: windows drawn independently (with replacement) leave some bytes never a target and others a
+    target many times in a run of a few passes; passes make every byte a target once per pass, and scored
+    lower validation bits per byte at equal steps (docs/training.md).
     """
 
     def __init__(self, data: np.ndarray, batch_size: int, seq_len: int, seed: int, rank: int = 0,
                  world_size: int = 1, *, name: str = "train"):
         _check_shape(batch_size, seq_len)
-        _check_rank(rank, world_size)
+        check_rank(rank, world_size)
         data = _as_array(data)
         check_size(data, seq_len, name)
+        # Windows per pass: one fewer than fit, so that any offset in [0, seq_len) leaves room for them all.
+        self.windows_per_pass = max(1, (len(data) - 1) // seq_len - 1)
+        _check_batch_memory(batch_size, seq_len, self.windows_per_pass, 8)  # a pass's order: int64
         self.data, self.batch_size, self.seq_len = data, batch_size, seq_len
         self.seed, self.rank, self.world_size = int(seed), rank, world_size
         self.batches = 0  # batches drawn so far
-        self.passes = True  # False: a version 1 state's independent windows
-        # Windows per pass: one fewer than fit, so that any offset in [0, seq_len) leaves room for them all.
-        self.windows_per_pass = max(1, (len(data) - 1) // seq_len - 1)
         self._order: tuple[int, int, np.ndarray] | None = None  # (pass, offset, window order) last drawn
         self._gen = torch.Generator()
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        starts = self._pass_starts() if self.passes else self._random_starts()
+        starts = self._pass_starts()
         self.batches += 1
         return _windows(self.data, starts, self.seq_len)
 
@@ -97,31 +127,30 @@ class BatchSampler:
     def _pass_order(self, p: int) -> tuple[int, np.ndarray]:
         """(offset, window order) of pass p: the same on every rank."""
         if self._order is None or self._order[0] != p:
-            self._gen.manual_seed(_batch_seed(self.seed, -1, p))  # rank -1: not any rank's own stream
+            self._gen.manual_seed(_pass_seed(self.seed, p))
             room = len(self.data) - 1 - self.windows_per_pass * self.seq_len  # >= 0: the windows always fit
             offset = int(torch.randint(0, min(self.seq_len, room + 1), (1,), generator=self._gen))
             self._order = (p, offset, torch.randperm(self.windows_per_pass, generator=self._gen).numpy())
         return self._order[1], self._order[2]
 
-    def _random_starts(self) -> np.ndarray:
-        """Version 1: independent windows, uniformly over the split, from a generator seeded by (seed, rank, k)."""
-        self._gen.manual_seed(_batch_seed(self.seed, self.rank, self.batches))
-        # Start positions 0 .. len - T - 1, so every window of T + 1 bytes fits.
-        return torch.randint(0, len(self.data) - self.seq_len, (self.batch_size,), generator=self._gen).numpy()
-
     def state_dict(self) -> dict:
-        return {"version": 2 if self.passes else 1, "seed": self.seed, "batches": self.batches,
+        return {"version": STATE_VERSION, "seed": self.seed, "batches": self.batches,
                 "batch_size": self.batch_size, "seq_len": self.seq_len}  # plain ints: weights_only-safe
 
     def load_state_dict(self, state: dict) -> None:
         """Continue where `state` was saved. The continuation is exact when data, batch_size and seq_len are
         the ones it was saved with; otherwise the stream goes on from the same point with the new shapes."""
-        if not (isinstance(state, Mapping) and state.get("version") in (1, 2)
-                and all(isinstance(state.get(k), int) for k in ("seed", "batches"))):
-            raise DataError("invalid batch sampler state in checkpoint (expected version 1 or 2 with seed and "
-                            "batches)")
-        self.seed, self.batches = state["seed"], state["batches"]
-        self.passes = state["version"] == 2
+        if not (isinstance(state, Mapping) and state.get("version") == STATE_VERSION):
+            raise DataError(f"invalid batch sampler state in checkpoint (expected a mapping with version "
+                            f"{STATE_VERSION}, seed and batches)")
+        seed, batches = state.get("seed"), state.get("batches")
+        if not (_is_int(seed) and abs(seed) < 2**64):
+            raise DataError(f"invalid batch sampler state in checkpoint: seed {seed!r:.40} is not a 64-bit integer")
+        # Window positions are int64: batch `batches` of every rank must still be addressable.
+        if not (_is_int(batches) and 0 <= batches and (batches + 1) * self.world_size * self.batch_size < 2**62):
+            raise DataError(f"invalid batch sampler state in checkpoint: batches {batches!r:.40} is not a "
+                            f"count of batches drawn")
+        self.seed, self.batches = seed, batches
         self._order = None
 
 
@@ -133,7 +162,7 @@ class EvalBatches(Sequence):
     def __init__(self, data: np.ndarray, batch_size: int, seq_len: int, max_batches: int | None = None,
                  *, name: str = "validation"):
         _check_shape(batch_size, seq_len)
-        if max_batches is not None and not (isinstance(max_batches, int) and max_batches >= 1):
+        if max_batches is not None and not (_is_int(max_batches) and max_batches >= 1):
             raise DataError(f"max_batches must be a positive integer or None, got {max_batches!r}")
         data = _as_array(data)
         check_size(data, seq_len, name)
@@ -141,6 +170,7 @@ class EvalBatches(Sequence):
         # Consecutive windows: window j predicts bytes j*T+1 .. (j+1)*T, so each byte is scored once.
         n_windows = (len(data) - 1) // seq_len
         k = n_windows if max_batches is None else min(n_windows, max_batches * batch_size)
+        _check_batch_memory(batch_size, seq_len, k, 16, rows=min(batch_size, k))  # chosen and starts: int64
         chosen = np.arange(k, dtype=np.int64)
         if k < n_windows:  # spread the chosen windows evenly over the whole split
             chosen = chosen * n_windows // k
@@ -175,12 +205,16 @@ class SlidingBatches(Sequence):
     def __init__(self, data: np.ndarray, batch_size: int, seq_len: int, stride: int, *,
                  name: str = "validation"):
         _check_shape(batch_size, seq_len)
-        if not (isinstance(stride, int) and 1 <= stride <= seq_len):
+        if not (_is_int(stride) and 1 <= stride <= seq_len):
             raise DataError(f"stride must be an integer from 1 to seq_len ({seq_len}), got {stride!r}")
         data = _as_array(data)
         check_size(data, seq_len, name)
         self.data, self.batch_size, self.seq_len = data, batch_size, seq_len
         last = len(data) - 1 - seq_len  # the start of the window that ends at the split's end
+        n_windows = last // stride + 2
+        check_memory(n_windows * 40, f"sliding windows every {stride:,} bytes over {len(data):,} bytes",
+                     "raise the stride")  # starts, prev_end, first_scored and temporaries: int64
+        _check_batch_memory(batch_size, seq_len, 0, 0, rows=min(batch_size, n_windows))
         starts = np.arange(0, last + 1, stride, dtype=np.int64)
         if starts[-1] != last:
             starts = np.append(starts, last)

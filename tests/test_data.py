@@ -1,5 +1,11 @@
-"""Data layer: every source gives the expected bytes and separators, the split is by document, batches are
-reproducible and resumable, and user mistakes are one clear DataError line."""
+"""Corpus loading: every source gives the expected bytes and separators, validation holds about val_fraction
+of the bytes (whole documents where they fit, the end of the data for the rest), the cache survives damage,
+and user mistakes are one clear DataError line. Batches: tests/test_batches.py; hostile paths and sizes:
+tests/test_data_limits.py.
+
+    pytest tests/test_data.py
+"""
+import hashlib
 import json
 import os
 import subprocess
@@ -8,15 +14,16 @@ import time
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import bytelm.corpus as data_mod
+import bytelm.corpus as corpus_mod
+import bytelm.hf_stream as hf_mod
 from bytelm.config import DOC_SEPARATOR
-from bytelm.batches import IGNORE, BatchSampler, SlidingBatches, _batch_seed, eval_batches
-from bytelm.corpus import Corpus, check_size, load_corpus, load_stream, stream_documents
+from bytelm.corpus import Corpus, check_size, load_corpus, load_stream
 from bytelm.errors import DataError
+from bytelm.hf_stream import stream_documents
+from bytelm.split import build, val_target
 
 from conftest import TINY_DOCS
 
@@ -27,6 +34,10 @@ def raw(arr) -> bytes:
     return np.asarray(arr).tobytes()
 
 
+def pieces(arr) -> list[bytes]:
+    return raw(arr).split(SEP) if len(arr) else []
+
+
 def write_docs(folder, docs, pattern="doc{:03d}.txt"):
     folder.mkdir(parents=True, exist_ok=True)
     for i, d in enumerate(docs):
@@ -34,21 +45,34 @@ def write_docs(folder, docs, pattern="doc{:03d}.txt"):
     return folder
 
 
+def tail_split(docs: list[bytes], val_fraction: float = 0.05) -> tuple[bytes, bytes]:
+    """(train, val) when no whole document is held out: the last val_target bytes of the data are validation."""
+    keep = sum(map(len, docs)) - val_target(sum(map(len, docs)), val_fraction)
+    train, val, at = [], [], 0
+    for d in docs:
+        cut = min(max(keep - at, 0), len(d))
+        train += [d[:cut]] if cut else []
+        val += [d[cut:]] if cut < len(d) else []
+        at += len(d)
+    return SEP.join(train), SEP.join(val)
+
+
 # --- sources ---------------------------------------------------------------------------------------------
 
 def test_folder_is_recursive_sorted_and_skips_hidden_and_empty_files(tiny_corpus_dir):
     c = load_corpus(str(tiny_corpus_dir))
-    assert raw(c.train) == TINY_DOCS["a.txt"] + SEP + TINY_DOCS["b.txt"]
-    assert raw(c.val) == TINY_DOCS["sub/c.txt"]  # too few documents for every 20th: the last one is held out
+    docs = [TINY_DOCS[k] for k in ("a.txt", "b.txt", "sub/c.txt")]
+    assert (raw(c.train), raw(c.val)) == tail_split(docs)  # three documents: too few for whole ones
+    assert raw(c.train).startswith(docs[0] + SEP + docs[1] + SEP + docs[2][:100])
     assert c.train.dtype == np.uint8 and c.train.ndim == 1
     assert c.info["documents"] == 3 and c.info["files"] == 3
-    assert (c.info["train_documents"], c.info["val_documents"]) == (2, 1)
+    assert (c.info["train_documents"], c.info["val_documents"], c.info["val_whole_documents"]) == (3, 1, 0)
+    assert c.info["val_tail_bytes"] == len(c.val) == val_target(sum(map(len, docs)), 0.05)
     assert (c.info["train_bytes"], c.info["val_bytes"]) == (len(c.train), len(c.val))
     json.dumps(c.info)  # plain JSON, goes into checkpoints
 
 
 def test_info_sha256_is_of_train_then_val(tiny_corpus_dir):
-    import hashlib
     c = load_corpus(str(tiny_corpus_dir))
     assert c.info["sha256"] == hashlib.sha256(raw(c.train) + raw(c.val)).hexdigest()
 
@@ -72,10 +96,10 @@ def test_tinyshakespeare_split_matches_nanogpt(shakespeare_path):
 
 def test_glob_selects_matching_files_in_sorted_order(tiny_corpus_dir):
     top = load_corpus(str(tiny_corpus_dir / "*.txt"))
-    assert raw(top.train) == TINY_DOCS["a.txt"] and raw(top.val) == TINY_DOCS["b.txt"]
+    assert (raw(top.train), raw(top.val)) == tail_split([TINY_DOCS["a.txt"], TINY_DOCS["b.txt"]])
     everything = load_corpus(str(tiny_corpus_dir / "**" / "*.txt"))
     assert everything.info["documents"] == 3
-    assert raw(everything.val) == TINY_DOCS["sub/c.txt"]
+    assert raw(everything.val) == raw(load_corpus(str(tiny_corpus_dir)).val)
 
 
 def test_jsonl_takes_the_text_field_per_line_and_skips_blank_lines(tmp_path):
@@ -83,7 +107,7 @@ def test_jsonl_takes_the_text_field_per_line_and_skips_blank_lines(tmp_path):
     f = tmp_path / "docs.jsonl"
     f.write_text("\n".join(json.dumps(x, ensure_ascii=False) for x in lines) + "\n\n", encoding="utf-8")
     c = load_corpus(str(f), val_fraction=0.25)
-    assert raw(c.train).split(SEP) == [f"document {i} é".encode() for i in range(3)]
+    assert pieces(c.train) == [f"document {i} é".encode() for i in range(3)]
     assert raw(c.val) == "document 3 é".encode()
 
 
@@ -123,12 +147,13 @@ def test_parquet_takes_a_text_column(tmp_path):
 def test_max_bytes_cuts_the_corpus(tiny_corpus_dir):
     n = len(TINY_DOCS["a.txt"]) + 10
     c = load_corpus(str(tiny_corpus_dir), max_bytes=n)
-    assert raw(c.train) == TINY_DOCS["a.txt"] and raw(c.val) == TINY_DOCS["b.txt"][:10]
+    assert (raw(c.train), raw(c.val)) == tail_split([TINY_DOCS["a.txt"], TINY_DOCS["b.txt"][:10]])
+    assert raw(c.val).endswith(SEP + TINY_DOCS["b.txt"][:10])  # the tail spans the last two documents
 
 
 def test_large_input_goes_through_a_cached_memmap(tiny_corpus_dir, tmp_path, monkeypatch):
     in_memory = load_corpus(str(tiny_corpus_dir))
-    monkeypatch.setattr(data_mod, "MEMMAP_THRESHOLD", 100)  # the tiny folder counts as large
+    monkeypatch.setattr(corpus_mod, "MEMMAP_THRESHOLD", 100)  # the tiny folder counts as large
     cache = tmp_path / "cache"
     built = load_corpus(str(tiny_corpus_dir), cache_dir=str(cache))
     again = load_corpus(str(tiny_corpus_dir), cache_dir=str(cache))
@@ -139,27 +164,83 @@ def test_large_input_goes_through_a_cached_memmap(tiny_corpus_dir, tmp_path, mon
     assert len([p for p in cache.iterdir() if p.name.startswith("local-")]) == 1  # no leftover temp folders
 
 
-# --- the split is by whole documents ---------------------------------------------------------------------
+def test_a_damaged_cache_entry_is_rebuilt(tiny_corpus_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(corpus_mod, "MEMMAP_THRESHOLD", 100)
+    cache = tmp_path / "cache"
+    good = load_corpus(str(tiny_corpus_dir), cache_dir=str(cache))
+    good_train, good_sha = raw(good.train), good.info["sha256"]
+    del good  # a memmap of a file cut short would fault on access
+    entry = next(cache.glob("local-*"))
+    with open(entry / "train.bin", "r+b") as f:
+        f.truncate(100)  # cut short, as by a full disk or a hand
+    rebuilt = load_corpus(str(tiny_corpus_dir), cache_dir=str(cache))
+    assert raw(rebuilt.train) == good_train and rebuilt.info["sha256"] == good_sha
+    (entry / "info.json").write_text("[1, 2]")  # valid JSON, not an entry's info
+    assert load_corpus(str(tiny_corpus_dir), cache_dir=str(cache)).info["sha256"] == good_sha
+    assert [p.name for p in cache.iterdir()] == [entry.name]
+
+
+# --- the split: about val_fraction of the bytes ------------------------------------------------------------
 
 def test_validation_holds_out_every_twentieth_whole_document(tmp_path):
     docs = [f"document number {i}\n".encode() * 3 for i in range(60)]
     c = load_corpus(str(write_docs(tmp_path / "d", docs)), val_fraction=0.05)
-    assert raw(c.val).split(SEP) == [docs[19], docs[39], docs[59]]
-    assert raw(c.train).split(SEP) == [d for i, d in enumerate(docs) if i not in (19, 39, 59)]
+    assert pieces(c.val) == [docs[19], docs[39], docs[59]]
+    assert pieces(c.train) == [d for i, d in enumerate(docs) if i not in (19, 39, 59)]
+    assert c.info["split"] == "documents" and c.info["val_tail_bytes"] == 0
 
 
-@settings(max_examples=60, deadline=None)
-@given(docs=st.lists(st.binary(min_size=1, max_size=20).filter(lambda b: 0 not in b), min_size=2, max_size=80,
-                     unique=True),
+@pytest.mark.parametrize("sizes", [(70_000, 120_000), (120_000, 70_000), (120_000, 2_000), (5_000, 900, 30_000)])
+def test_few_uneven_documents_hold_out_val_fraction_of_the_bytes(tmp_path, sizes):
+    """Two books of 0.7 and 1.2 MB once sent the whole second book (62%) to validation."""
+    docs = [bytes([65 + i]) * n for i, n in enumerate(sizes)]
+    c = load_corpus(str(write_docs(tmp_path / "books", docs)))
+    assert (raw(c.train), raw(c.val)) == tail_split(docs)
+    total = len(c.train) + len(c.val)
+    assert 0.049 < len(c.val) / total < 0.051
+    assert f"{len(c.val):,} validation bytes (5.0% held out: the last {len(c.val) - raw(c.val).count(SEP):,} bytes)" \
+        in c.summary()
+
+
+def test_a_huge_document_due_for_validation_goes_to_training(tmp_path):
+    """Every 20th document is due, but not one that would make validation most of the data."""
+    docs = [b"%03d small document. " % i * 40 for i in range(40)]
+    docs[19] = b"one huge document. " * 50_000
+    c = load_corpus(str(write_docs(tmp_path / "d", docs)))
+    val = pieces(c.val)
+    assert docs[19] not in val and docs[20] in val and docs[39] in val
+    assert c.info["val_whole_documents"] == 2  # documents 20 and 39; the end of the data made up the rest
+    share = len(c.val) / (len(c.train) + len(c.val))
+    assert 0.05 <= share < 0.051, share
+
+
+def tagged_docs(draw_sizes: list[int]) -> list[bytes]:
+    """Distinct documents no piece of which equals another: each starts with its own number and a colon."""
+    return [b"%d:" % i + b"x" * n for i, n in enumerate(draw_sizes)]
+
+
+@settings(max_examples=80, deadline=None)
+@given(sizes=st.lists(st.one_of(st.integers(0, 60), st.integers(0, 5_000)), min_size=1, max_size=60),
        percent=st.sampled_from([0, 5, 10, 30, 50]))
-def test_split_partitions_documents_whole_and_in_order(docs, percent):
-    c = data_mod._build(docs, percent / 100, {"source": "test"})
-    train = raw(c.train).split(SEP) if len(c.train) else []
-    val = raw(c.val).split(SEP) if len(c.val) else []
-    assert sorted(train + val) == sorted(docs)  # every document whole, exactly once
-    assert train == [d for d in docs if d in set(train)] and val == [d for d in docs if d in set(val)]
-    expected_val = len(docs) * percent // 100  # at least one when held out at all
-    assert len(val) == (max(1, expected_val) if percent else 0)
+def test_split_keeps_order_cuts_at_most_one_document_and_holds_out_the_fraction(sizes, percent):
+    docs, f = tagged_docs(sizes), percent / 100
+    c = build(docs, f, {"source": "test"})
+    train, val = pieces(c.train), pieces(c.val)
+    ti = vi = 0
+    for d in docs:  # walk the documents in order: each is the next train piece, the next val piece, or both
+        if ti < len(train) and train[ti] == d:
+            ti += 1
+        elif vi < len(val) and val[vi] == d:
+            vi += 1
+        else:  # the one document cut: its head ends training, its tail is in validation
+            assert ti == len(train) - 1 and d == train[ti] + val[vi], (d, train[ti:], val[vi:])
+            ti, vi = ti + 1, vi + 1
+    assert (ti, vi) == (len(train), len(val))
+    total = sum(map(len, docs))
+    val_bytes = sum(map(len, val))
+    assert val_target(total, f) <= val_bytes <= max(val_target(total, f), 1.5 * f * total + 1e-6)
+    if percent == 0:
+        assert val == []
 
 
 # --- builtin ---------------------------------------------------------------------------------------------
@@ -193,7 +274,8 @@ def test_builtin_is_deterministic_across_builds_and_the_cache(builtin_builds):
 def test_builtin_is_a_few_megabytes_of_english_text(builtin):
     text = raw(builtin.train) + raw(builtin.val)
     assert len(text) > 1_500_000 and builtin.info["documents"] > 300
-    assert builtin.info["val_documents"] == builtin.info["documents"] // 20
+    assert builtin.info["val_whole_documents"] >= builtin.info["documents"] // 25  # mostly whole documents
+    assert 0.049 < len(builtin.val) / len(text) < 0.06
     decoded = text.replace(SEP, b"\n").decode("utf-8")
     assert sum(c.isascii() for c in decoded) / len(decoded) > 0.99
     words = decoded.lower().split()
@@ -226,7 +308,7 @@ def test_cosmopedia_unreachable_hub_fails_fast(monkeypatch, tmp_path):
     def no_route(host, port, timeout):
         raise OSError(101, "Network is unreachable")
 
-    monkeypatch.setattr(data_mod, "_probe", no_route)
+    monkeypatch.setattr(hf_mod, "_probe", no_route)
     start = time.perf_counter()
     with pytest.raises(DataError) as e:
         load_corpus("cosmopedia", cache_dir=str(tmp_path))
@@ -235,7 +317,7 @@ def test_cosmopedia_unreachable_hub_fails_fast(monkeypatch, tmp_path):
 
 
 def test_cosmopedia_without_datasets_says_how_to_install(monkeypatch, tmp_path):
-    monkeypatch.setattr(data_mod, "_have_datasets", lambda: False)
+    monkeypatch.setattr(hf_mod, "have_datasets", lambda: False)
     with pytest.raises(DataError, match=r'pip install "bytelm\[hf\]"'):
         load_corpus("cosmopedia", cache_dir=str(tmp_path))
 
@@ -251,8 +333,12 @@ def stream_files(tmp_path_factory):
     return root, [t.encode() for t in texts]
 
 
-def corpus_docs(c: Corpus) -> list[bytes]:
-    return [d for arr in (c.train, c.val) for d in raw(arr).split(SEP) if d]
+def corpus_docs(c: Corpus, texts: list[bytes]) -> list[bytes]:
+    """The corpus's documents, the one cut between train and validation (if any) joined again."""
+    known = set(texts)
+    train, val = pieces(c.train), pieces(c.val)
+    cut = [p for p in train if p not in known] + [p for p in val if p not in known]
+    return [p for p in train + val if p in known] + ([b"".join(cut)] if cut else [])
 
 
 @pytest.mark.parametrize("builder, file, field", [("parquet", "docs.parquet", "text"), ("json", "docs.jsonl", "body")])
@@ -260,10 +346,10 @@ def test_hf_streaming_shards_documents_between_ranks(stream_files, tmp_path, bui
     root, texts = stream_files
     shards = [load_stream(builder, data_files=str(root / file), text_field=field, rank=r, world_size=2,
                           cache_dir=str(tmp_path)) for r in (0, 1)]
-    docs = [corpus_docs(c) for c in shards]
+    docs = [corpus_docs(c, texts) for c in shards]
     assert not set(docs[0]) & set(docs[1])
     assert sorted(docs[0] + docs[1]) == sorted(texts)
-    assert shards[0].info["val_documents"] == 1  # 20 documents per rank: every 20th is held out
+    assert shards[0].info["val_whole_documents"] == 1  # 20 documents per rank: every 20th is held out
     assert isinstance(shards[0].train, np.memmap)
     again = load_stream(builder, data_files=str(root / file), text_field=field, rank=0, world_size=2,
                         cache_dir=str(tmp_path))  # from the cache
@@ -276,131 +362,6 @@ def test_stream_documents_stops_at_max_bytes_and_reports_missing_fields():
     assert list(stream_documents(records[:4], rank=1, world_size=2)) == [b"abcd", b"abcd"]
     with pytest.raises(DataError, match="record 1: no 'text' field"):
         list(stream_documents([{"text": "a"}, {"body": "b"}]))
-
-
-# --- batches ---------------------------------------------------------------------------------------------
-
-DATA = np.frombuffer(bytes(range(256)) * 40, dtype=np.uint8)
-
-
-def take(sampler, k):
-    return [sampler.next_batch() for _ in range(k)]
-
-
-def assert_same_batches(a, b):
-    assert len(a) == len(b)
-    for (xa, ya), (xb, yb) in zip(a, b):
-        torch.testing.assert_close(xa, xb, rtol=0, atol=0)
-        torch.testing.assert_close(ya, yb, rtol=0, atol=0)
-
-
-def test_batches_are_windows_with_targets_shifted_by_one():
-    x, y = BatchSampler(DATA, batch_size=8, seq_len=32, seed=0).next_batch()
-    assert x.shape == y.shape == (8, 32) and x.dtype == y.dtype == torch.int64
-    assert torch.equal(x[:, 1:], y[:, :-1])
-    assert torch.equal((x[:, 0] + 1) % 256, y[:, 0])  # DATA counts upwards, so the next byte is +1
-
-
-def test_sampler_is_reproducible_and_resumes_exactly(tmp_path):
-    run = take(BatchSampler(DATA, 4, 16, seed=7), 6)
-    assert_same_batches(take(BatchSampler(DATA, 4, 16, seed=7), 6), run)
-
-    first = BatchSampler(DATA, 4, 16, seed=7)
-    assert_same_batches(take(first, 3), run[:3])
-    torch.save({"sampler": first.state_dict()}, tmp_path / "ckpt.pt")
-    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)["sampler"]  # plain data only
-    resumed = BatchSampler(DATA, 4, 16, seed=123)  # the state brings the seed back
-    resumed.load_state_dict(state)
-    assert_same_batches(take(resumed, 3), run[3:])
-
-
-def test_ranks_draw_different_windows_and_resume_from_rank0_state():
-    r0, r1 = BatchSampler(DATA, 4, 16, seed=0, rank=0, world_size=2), BatchSampler(DATA, 4, 16, seed=0, rank=1, world_size=2)
-    b0, b1 = take(r0, 2), take(r1, 2)
-    assert not torch.equal(b0[0][0], b1[0][0])
-    assert not torch.equal(take(BatchSampler(DATA, 4, 16, seed=1), 1)[0][0], b0[0][0])  # seeds differ too
-    resumed = BatchSampler(DATA, 4, 16, seed=0, rank=1, world_size=2)
-    resumed.load_state_dict(r0.state_dict())  # one checkpoint (rank 0's) restores every rank's own stream
-    assert_same_batches(take(resumed, 2), take(r1, 2))
-
-
-def window_starts(data, batches):
-    """Where in `data` each window of (x, y) batches starts (data is random bytes: every 17-byte run is unique)."""
-    at = {bytes(data[i:i + 17]): i for i in range(len(data) - 16)}
-    assert len(at) == len(data) - 16
-    return [at[bytes(torch.cat([x_row, y_row[-1:]]).to(torch.uint8).numpy())]
-            for x, y in batches for x_row, y_row in zip(x, y)]
-
-
-RANDOM_DATA = np.random.default_rng(0).integers(0, 256, 1937, dtype=np.uint8)  # 120 windows of 16 per pass
-
-
-def test_each_pass_makes_every_byte_a_target_once_in_a_new_order():
-    sampler = BatchSampler(RANDOM_DATA, 3, 16, seed=5)
-    assert sampler.windows_per_pass == 120
-    passes = [window_starts(RANDOM_DATA, take(sampler, 40)) for _ in range(3)]  # 40 x 3 windows: one pass
-    for starts in passes:
-        offset = min(starts)
-        assert 0 <= offset < 16 and sorted(starts) == [offset + 16 * i for i in range(120)]  # tiled, no gaps
-    assert len({tuple(p) for p in passes}) == 3  # each pass in its own order (and offset)
-    assert len({min(p) for p in passes}) > 1
-
-
-def test_ranks_share_each_pass_out_between_them():
-    r0 = BatchSampler(RANDOM_DATA, 3, 16, seed=5, rank=0, world_size=2)
-    r1 = BatchSampler(RANDOM_DATA, 3, 16, seed=5, rank=1, world_size=2)
-    s0, s1 = window_starts(RANDOM_DATA, take(r0, 20)), window_starts(RANDOM_DATA, take(r1, 20))
-    assert not set(s0) & set(s1)
-    offset = min(s0 + s1)
-    assert sorted(s0 + s1) == [offset + 16 * i for i in range(120)]  # together, exactly one pass
-
-
-def test_a_state_saved_before_passes_goes_on_drawing_independent_windows():
-    """A resume state from the first sampler (version 1) continues its own stream, as the run began."""
-    sampler = BatchSampler(DATA, 4, 16, seed=123)
-    sampler.load_state_dict({"version": 1, "seed": 7, "batches": 2, "batch_size": 4, "seq_len": 16})
-    x, y = sampler.next_batch()
-    gen = torch.Generator().manual_seed(_batch_seed(7, 0, 2))  # what version 1 drew for batch 2
-    starts = torch.randint(0, len(DATA) - 16, (4,), generator=gen)
-    assert torch.equal(x[:, 0], torch.from_numpy(DATA[starts.numpy()].astype(np.int64)))
-    assert sampler.state_dict()["version"] == 1 and sampler.batches == 3
-    assert BatchSampler(DATA, 4, 16, seed=0).state_dict()["version"] == 2  # a new run takes passes
-
-
-def test_eval_batches_are_deterministic_and_cover_the_split():
-    data = np.frombuffer(bytes(range(256)) * 3 + b"tail", dtype=np.uint8)  # 772 bytes: 24 windows of 32
-    full = eval_batches(data, batch_size=5, seq_len=32)
-    assert len(full) == 5 and full[-1][0].shape == (4, 32)  # 24 windows: the last batch has 4
-    assert_same_batches(list(full), list(eval_batches(data, 5, 32)))
-    xs = torch.cat([x for x, _ in full]).flatten()
-    assert raw(data[:768]) == bytes(xs.tolist())  # consecutive, non-overlapping, in order
-    assert int(full[-1][1][-1, -1]) == data[768]
-
-    few = eval_batches(data, batch_size=2, seq_len=32, max_batches=2)
-    assert len(few) == 2
-    starts = [int(x[i, 0]) for x, _ in few for i in range(2)]  # DATA-like bytes: the first byte is the offset
-    assert starts == [0, (6 * 32) % 256, (12 * 32) % 256, (18 * 32) % 256]  # spread over the split
-
-
-@pytest.mark.parametrize("n, seq_len, stride", [(772, 32, 16), (772, 32, 32), (771, 32, 7), (33, 32, 8)])
-def test_sliding_batches_score_every_byte_once_with_context(n, seq_len, stride):
-    data = np.random.default_rng(n + stride).integers(0, 256, n, dtype=np.uint8)
-    batches = SlidingBatches(data, batch_size=3, seq_len=seq_len, stride=stride)
-    scored, row = [], 0
-    for x, y in batches:
-        for i in range(x.shape[0]):
-            start = int(batches.starts[row])
-            assert bytes(x[i].tolist()) == raw(data[start:start + seq_len])  # the window's bytes
-            for p in torch.nonzero(y[i] != IGNORE).flatten().tolist():
-                assert int(y[i, p]) == data[start + p + 1]
-                assert row == 0 or p + 1 >= seq_len - stride  # at least T - stride bytes of context
-                scored.append(start + p + 1)
-            row += 1
-    assert scored == list(range(1, n))  # each target once, in order, none missed
-    with pytest.raises(DataError, match="stride must be"):
-        SlidingBatches(data, 3, seq_len, seq_len + 1)
-    with pytest.raises(DataError, match="one window"):
-        SlidingBatches(data[:seq_len], 3, seq_len, stride)
 
 
 # --- errors ----------------------------------------------------------------------------------------------
@@ -433,18 +394,24 @@ def test_unreadable_file_is_named(tmp_path, monkeypatch):
 
 def test_too_little_data_says_how_much_there_is_and_is_needed():
     small = np.zeros(10, dtype=np.uint8)
-    with pytest.raises(DataError, match="the train split has 10 bytes but .* 17 bytes is needed"):
-        BatchSampler(small, 2, 16, seed=0)
-    with pytest.raises(DataError, match="the validation split has 10 bytes"):
-        eval_batches(small, 2, 16)
     check_size(small, 9)  # exactly one window fits
+    with pytest.raises(DataError, match="the val split has 10 bytes but .* 12 bytes is needed"):
+        check_size(small, 11, "val")
     with pytest.raises(DataError, match="has 0 bytes"):
         check_size(np.zeros(0, dtype=np.uint8), 1, "val")
 
 
 def test_bad_arguments_are_data_errors(tiny_corpus_dir):
-    for kwargs in (dict(val_fraction=1.0), dict(max_bytes=0), dict(rank=2, world_size=2)):
+    for kwargs in (dict(val_fraction=1.0), dict(val_fraction=float("nan")), dict(max_bytes=0),
+                   dict(rank=2, world_size=2)):
         with pytest.raises(DataError):
             load_corpus(str(tiny_corpus_dir), **kwargs)
-    with pytest.raises(DataError, match="invalid batch sampler state"):
-        BatchSampler(DATA, 2, 8, seed=0).load_state_dict({"batches": "3"})
+
+
+def test_caches_in_tests_go_to_a_temporary_folder_subprocesses_included():
+    code = ("import os\nfrom bytelm.files import cache_root\n"
+            "print(cache_root())\nprint(os.environ['TORCHINDUCTOR_CACHE_DIR'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    from conftest import CACHE
+    assert all(line.startswith(str(CACHE)) for line in out), out
+    assert not any(line.startswith(os.path.expanduser("~/.cache")) for line in out)

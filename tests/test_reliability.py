@@ -22,7 +22,8 @@ import pytest
 import torch
 
 import bytelm.checkpoint as ckpt_mod
-import bytelm.corpus as data_mod
+import bytelm.documents as documents_mod
+import bytelm.sources as sources_mod
 from bytelm.checkpoint import FORMAT_VERSION, load_model, read_checkpoint, save_checkpoint
 from bytelm.config import ModelConfig
 from bytelm.errors import CheckpointError, run_cli
@@ -169,7 +170,7 @@ def test_resuming_from_a_crafted_resume_file_is_refused_before_allocating(tmp_pa
     out = tmp_path / "m.pt"
     big = ModelConfig(n_layer=8, n_head=32, n_embd=8192, block_size=64)  # 6.4 G weights: 26 GB if allocated
     cfg = TrainConfig.from_preset("tiny", data="builtin", out=str(out), n_layer=8, n_head=32, n_embd=8192)
-    state = {"step": 1, "optimizers": [{}, {}], "sampler": {"version": 1, "seed": 0, "batches": 1},
+    state = {"step": 1, "optimizers": [{}, {}], "sampler": {"version": 2, "seed": 0, "batches": 1},
              "config": {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "seq_len", "preset", "data")}}
     expanded_checkpoint(RunPaths.for_out(out).last, big, train_state=state)
     corpus = tmp_path / "c.txt"
@@ -350,14 +351,14 @@ def test_a_file_that_vanishes_or_fails_while_being_read_is_one_line(tmp_path, ca
     for i in range(3):
         (data / f"f{i}.txt").write_bytes(b"enough text to train a tiny model on. " * 100)
     args = ["--data", str(data), "--preset", "tiny", "--out", str(tmp_path / "m.pt"), "--threads", "1", "--no-plot"]
-    real_list = data_mod.list_files
+    real_list = sources_mod.list_files
 
     def list_then_delete(spec):
         files = real_list(spec)
         files[1][0].unlink()  # deleted between listing and reading
         return files
 
-    monkeypatch.setattr(data_mod, "list_files", list_then_delete)
+    monkeypatch.setattr(sources_mod, "list_files", list_then_delete)
     err = cli_error(capsys, args)
     assert f"cannot read {data / 'f1.txt'}" in err and "No such file" in err
     monkeypatch.undo()
@@ -368,7 +369,7 @@ def test_a_file_that_vanishes_or_fails_while_being_read_is_one_line(tmp_path, ca
             raise OSError(5, "Input/output error")
 
     real_open = open
-    monkeypatch.setattr(data_mod, "open", lambda p, *a, **k: FailingFile() if str(p).endswith("f2.txt")
+    monkeypatch.setattr(documents_mod, "open", lambda p, *a, **k: FailingFile() if str(p).endswith("f2.txt")
                         else real_open(p, *a, **k), raising=False)
     err = cli_error(capsys, args)
     assert f"cannot read {data / 'f2.txt'}: Input/output error" in err
