@@ -20,9 +20,10 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from .config import ModelConfig
-from .files import atomic_write
+from .device import require_memory
 from .errors import BytelmError, CheckpointError
-from .model import ByteLM
+from .files import atomic_write
+from .model import ByteLM, model_memory
 
 FORMAT_NAME = "bytelm"
 FORMAT_VERSION = 1
@@ -223,6 +224,9 @@ def check_weights(path: str | os.PathLike, config: ModelConfig, state: dict) -> 
         if tuple(got.shape) != tuple(t.shape):
             raise CheckpointError(f"{path}: weight {name} has shape {tuple(got.shape)}, "
                                   f"the config needs {tuple(t.shape)}")
+        if got.layout != torch.strided:  # sparse COO/CSR/...: torch.load builds them, bytelm never writes them
+            raise CheckpointError(f"{path}: weight {name} is stored as a {str(got.layout).replace('torch.', '')} "
+                                  "tensor; bytelm checkpoints hold dense weights only")
         if not got.is_floating_point():
             raise CheckpointError(f"{path}: weight {name} holds {got.dtype}, not floating-point numbers")
     extra = sorted(map(str, set(state) - set(expected)))
@@ -247,6 +251,18 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> t
         raise CheckpointError(f"{path}: {e}") from None
     state = ckpt["model"]
     check_weights(path, config, state)
-    model = ByteLM(config)
+    model = ByteLM(config)  # checks that the weights and rotary tables fit in memory before allocating them
     model.load_state_dict(state)
+    check_finite(path, model)
+    if torch.device(device).type != "cpu":
+        require_memory(model_memory(config), device)
     return model.to(device).eval(), ckpt
+
+
+def check_finite(path: str | os.PathLike, model: torch.nn.Module) -> None:
+    """Refuse weights that are NaN or infinite (a diverged run, damage, or a value outside fp32's range in a
+    checkpoint saved in fp64): every step's output would be NaN, and sampling from NaN is undefined."""
+    for name, p in model.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise CheckpointError(f"{path}: weight {name} holds NaN or infinite values (a diverged or damaged "
+                                  "run); refusing it")

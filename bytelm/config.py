@@ -13,7 +13,7 @@ VOCAB_SIZE = 256  # raw bytes: every value 0..255 is a token, there are no speci
 # Bounds that keep a hostile or mistyped config from allocating absurd amounts of memory.
 _MAX_LAYERS = 256
 _MAX_EMBD = 16384
-_MAX_CONTEXT = 1 << 17
+MAX_CONTEXT = 1 << 17  # bytes; also the most of a prompt any model can use (bytelm.cli.generate)
 
 
 @dataclass
@@ -49,8 +49,8 @@ class ModelConfig:
             bad(f"n_embd must be in 1..{_MAX_EMBD}, got {self.n_embd}")
         if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
             bad(f"n_embd ({self.n_embd}) must split into n_head ({self.n_head}) heads of even size (rotary)")
-        if not 1 <= self.block_size <= _MAX_CONTEXT:
-            bad(f"block_size must be in 1..{_MAX_CONTEXT}, got {self.block_size}")
+        if not 1 <= self.block_size <= MAX_CONTEXT:
+            bad(f"block_size must be in 1..{MAX_CONTEXT}, got {self.block_size}")
         if not 1 <= self.mlp_ratio <= 16:
             bad(f"mlp_ratio must be in 1..16, got {self.mlp_ratio}")
         # finite too (check_field_types): rope_base=inf passed `> 1` and silently turned rotary positions off

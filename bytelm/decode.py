@@ -20,7 +20,8 @@ import math
 
 import torch
 
-from .model import ByteLM, KVCache
+from .config import ModelConfig
+from .model import ByteLM, KVCache, weight_count
 from .native import DecodeStep, library as native_library
 
 
@@ -144,3 +145,14 @@ class FastDecoder:
                              f"{args.error.decode(errors='replace')}")
         cache.pos += 1
         return self._logits.clone() if copy else self._logits  # the buffer is reused by the next step
+
+
+def decoder_memory(config: ModelConfig) -> list[tuple[str, int]]:
+    """What FastDecoder(ByteLM(config)) allocates, in bytes, for device.require_memory: copies of the weights
+    (fp32, plus fp16 copies of the matrices for the default C step) and its rotary tables: two (T, 2, 1, D) fp32
+    tables and the two (T, D) temporaries they are built from."""
+    weights = (weight_count(config) + config.vocab_size * config.n_embd) * 4  # the head is copied even if tied
+    return [(f"the decode step's copy of the weights (n_layer {config.n_layer} x n_embd {config.n_embd})",
+             weights * 3 // 2),
+            (f"the decode step's rotary tables (block_size {config.block_size} x head_dim {config.head_dim})",
+             6 * config.block_size * config.head_dim * 4)]

@@ -7,28 +7,48 @@ the default.
 
 The CPU's model name and feature flags are read here, once (cpu_model, cpu_flags), for every part that needs
 them: the dtype choice, the native library's cache key, `bytelm env` and the benchmarks.
+
+Memory: `require_memory(parts, device)` refuses, in one line naming what asks for it, an allocation that a
+config, a checkpoint or a flag asks for and that cannot fit; it is called before allocating. The limit is the
+CPU's (bytelm.memory.memory_limit: physical memory, `ulimit -v`, the cgroup's limit) or the GPU's free memory,
+or BYTELM_MAX_MEMORY (bytes, or a number with K, M, G or T) where that is set.
 """
 from __future__ import annotations
 
 import functools
 import os
 import platform
+import re
 
 import torch
 
 from .errors import BytelmError
+from .memory import format_bytes, memory_limit
 
 
 def pick_device(name: str | None = None) -> torch.device:
-    """'cuda', 'cpu', 'cuda:1', or None for CUDA when available, else CPU."""
+    """'cuda', 'cpu', 'cuda:1', 'mps' where present, or None for CUDA when available, else CPU. Anything else
+    (meta, xla, a GPU that is not here) is a BytelmError: torch would accept the name and fail later."""
     if name in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(name)
-    except RuntimeError:
+    except (RuntimeError, TypeError, ValueError):
         raise BytelmError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BytelmError(f"device {name!r} asked for, but no CUDA GPU is available here; use --device cpu")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BytelmError(f"device {name!r} asked for, but no CUDA GPU is available here; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise BytelmError(f"device {name!r} asked for, but this machine has {torch.cuda.device_count()} "
+                              f"CUDA GPU(s): cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise BytelmError(f"device {name!r} asked for, but this machine has no MPS (Apple GPU); use --device cpu")
+    elif dev.type != "cpu":
+        raise BytelmError(f"device {name!r} is not supported: use cpu, cuda or cuda:N"
+                          + (" (meta tensors hold no data to compute with)" if dev.type == "meta" else ""))
+    elif dev.index not in (None, 0):
+        raise BytelmError(f"device {name!r}: there is one CPU device, cpu (use --threads for more cores)")
     return dev
 
 
@@ -96,3 +116,38 @@ def autocast(device: torch.device, dtype: str):
     if dtype not in ("bf16", "fp32"):
         raise BytelmError(f"unknown dtype {dtype!r}: use bf16 or fp32")
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+
+def _parse_size(text: str) -> int:
+    """'8G', '512M', '1.5GiB', '1000000' -> bytes (K, M, G, T are powers of 1024)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise BytelmError(f"BYTELM_MAX_MEMORY must be a size such as 8G, 512M or 1000000, got {text!r}")
+    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " "))
+
+
+def memory_available(device: torch.device | str = "cpu") -> tuple[int | None, str]:
+    """(bytes that may be allocated on `device`, what sets that), or (None, ...) where no limit is known:
+    BYTELM_MAX_MEMORY where set, else free CUDA memory, or the CPU's limit (bytelm.memory.memory_limit)."""
+    env = os.environ.get("BYTELM_MAX_MEMORY")
+    if env:
+        return _parse_size(env), "BYTELM_MAX_MEMORY"
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0], f"free on {device}"
+    if device.type != "cpu":
+        return None, "unknown"
+    return memory_limit()
+
+
+def require_memory(parts: list[tuple[str, int]], device: torch.device | str = "cpu") -> None:
+    """Raise BytelmError, naming the largest parts, unless allocations `parts` [(what it is and the fields
+    that size it, bytes), ...] fit on `device`. Call it before allocating: one clear line, instead of an
+    allocator's traceback or the kernel's OOM killer."""
+    need = sum(n for _, n in parts)
+    limit, source = memory_available(device)
+    if limit is not None and need > limit:
+        detail = "; ".join(f"{what}: {format_bytes(n)}" for what, n in sorted(parts, key=lambda p: -p[1]) if n)
+        raise BytelmError(f"this needs {format_bytes(need)} of {torch.device(device).type} memory ({detail}), "
+                          f"over the {format_bytes(limit)} allowed by {source} (BYTELM_MAX_MEMORY sets another "
+                          "limit)")

@@ -12,6 +12,32 @@ import torch.nn.functional as F
 
 from .attention import causal_attention, kernel_ready
 from .config import ModelConfig
+from .device import require_memory
+
+
+def weight_count(config: ModelConfig) -> int:
+    """The parameters ByteLM(config) has (tied weights once), computed from the config without building it."""
+    C, L, V = config.n_embd, config.n_layer, config.vocab_size
+    per_layer = (4 + 2 * config.mlp_ratio) * C * C + 2 * C  # qkv, proj, fc, mlp proj; two norms
+    return V * C * (1 + (not config.tie_embeddings) + (L if config.value_embeds else 0)) + L * per_layer + C
+
+
+def model_memory(config: ModelConfig, weights: bool = True) -> list[tuple[str, int]]:
+    """What building ByteLM(config) allocates, in bytes, for require_memory: the fp32 weights and the rotary
+    tables (at their peak, the angles and both tables: three (block_size, head_dim / 2) fp32 arrays)."""
+    parts = [(f"rotary tables (block_size {config.block_size} x head_dim {config.head_dim})",
+              3 * config.block_size * (config.head_dim // 2) * 4)]
+    if weights:
+        parts.append((f"fp32 weights (n_layer {config.n_layer} x n_embd {config.n_embd}, mlp_ratio "
+                      f"{config.mlp_ratio})", weight_count(config) * 4))
+    return parts
+
+
+def cache_memory(config: ModelConfig, batch_size: int, max_len: int, itemsize: int = 4) -> tuple[str, int]:
+    """The KV cache's keys and values: 2 x n_layer x batch x max_len x n_embd numbers."""
+    return (f"KV cache (n_layer {config.n_layer} x block_size {max_len} x n_embd {config.n_embd}"
+            + (f" x batch {batch_size}" if batch_size != 1 else "") + ", keys and values)",
+            2 * config.n_layer * batch_size * max_len * config.n_embd * itemsize)
 
 
 class KVCache:
@@ -24,6 +50,8 @@ class KVCache:
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int | None = None,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         max_len = max_len or config.block_size
+        require_memory([cache_memory(config, batch_size, max_len, torch.empty(0, dtype=dtype).element_size())],
+                       device)
         shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
@@ -147,6 +175,14 @@ class ByteLM(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         config.validate()
+        # Before allocating anything, as a small checkpoint or a flag can ask for gigabytes. On the meta device
+        # (checkpoint.check_weights) nothing is allocated; elsewhere the rotary tables are built on the CPU.
+        on = torch.get_default_device()
+        if on.type == "cpu":
+            require_memory(model_memory(config), "cpu")
+        elif on.type != "meta":
+            require_memory(model_memory(config)[:1], "cpu")
+            require_memory(model_memory(config)[1:], on)
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.n_embd)
         # Every layer's value embeddings in one table, (V, L * C): one lookup per forward instead of L.
@@ -170,9 +206,13 @@ class ByteLM(nn.Module):
 
     @staticmethod
     def _rotary_tables(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
-        # On the CPU even under a meta device context (checkpoint.check_weights): they are not weights, and a
-        # meta arange would import torch._dynamo (about 2 s). .to(device) moves them with the model.
+        # On the CPU, and .to(device) moves them with the model; under a meta device context (checkpoint.
+        # check_weights) empty meta tensors of their shape: a meta arange would import torch._dynamo (about
+        # 2 s), and building real ones would allocate what a crafted config asks before its weights are checked.
         half = config.head_dim // 2
+        if torch.get_default_device().type == "meta":
+            return (torch.empty(config.block_size, 1, 1, half, device="meta"),
+                    torch.empty(config.block_size, 1, 1, half, device="meta"))
         inv_freq = 1.0 / (config.rope_base ** (torch.arange(half, dtype=torch.float32, device="cpu") / half))
         positions = torch.arange(config.block_size, dtype=torch.float32, device="cpu")
         angles = torch.outer(positions, inv_freq)  # (T, D/2)
@@ -188,8 +228,8 @@ class ByteLM(nn.Module):
         decoding stay eager, so they never trigger a compile for their own shapes.
 
         Compiling block by block rather than the whole model: the blocks share one forward and one shape, so
-        dynamo compiles one graph and reuses it for every layer. Measured with a cold cache, 2 threads
-        (2026-11-29): 18 s instead of 42 s for the 6x8x192 model at 16 x 128, at the same speed per step.
+        dynamo compiles one graph and reuses it for every layer: with a cold cache and 2 threads, 18 s instead of
+        42 s for the 6x8x192 model at 16 x 128, at the same speed per step (dev/LOG.md).
         dynamic=False: a second shape (--short-seq-len) gets its own static graph, not a slower dynamic one.
         """
         self._compiled_blocks = [torch.compile(b, dynamic=False) for b in self.blocks] if enabled else None
@@ -217,6 +257,8 @@ class ByteLM(nn.Module):
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} bytes exceeds the context of {self.config.block_size}")
+        if cache is not None and start + T > cache.max_len:
+            raise ValueError(f"sequence of {start + T} bytes exceeds the cache's {cache.max_len} positions")
         cos = self.rope_cos[start:start + T]
         sin = self.rope_sin[start:start + T]
         x = self.embed(idx)  # (B, T, C)
