@@ -5,12 +5,13 @@
     python train.py --resume                     # continue after a crash or Ctrl-C
     torchrun --nproc_per_node=2 train.py         # several processes or GPUs (DDP)
 
-Everything lives in bytelm.training; docs/training.md explains the run, its files and its defaults.
+The command line is bytelm.cli.train, the loop bytelm.training; docs/training.md explains the run, its files and
+its defaults.
 """
 import sys
 
 from bytelm.errors import run_cli
-from bytelm.training import main
+from bytelm.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))

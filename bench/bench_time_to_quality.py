@@ -1,19 +1,19 @@
 """Time to quality: validation bits per byte on tinyshakespeare after a fixed wall-clock budget.
 
-    python bench/bench_time_to_quality.py                 # 600 s in all, appends to docs/benchmarks.md
+    python bench/bench_time_to_quality.py                 # the cpu10 preset, 600 s in all, into docs/benchmarks.md
     python bench/bench_time_to_quality.py --budget 60 --no-write    # a quick look
     python bench/bench_time_to_quality.py --seeds 1337,1,2          # three runs of 600 s, a row each and the mean
+    python bench/bench_time_to_quality.py n_layer=6                 # the preset with TrainConfig overrides
 
-Split as nanoGPT's prepare.py: the first 90% of the file trains, the last 10% validates. The budget covers
-everything that the score needs: loading the data, timing the final evaluation's reserve, training, its
-periodic evaluations and the final evaluation of the best checkpoint on the WHOLE validation split over
-consecutive windows of seq_len bytes (each window starts from no context, as nanoGPT-style evaluation does):
-that is the score. After the budget, the same checkpoint is also scored over a sliding window that moves by
-seq_len / 2, so every byte after the first window is predicted from at least seq_len / 2 bytes before it (the
-rate at which the model would compress the text): a second view, not the score, so its cost (twice the forward
-passes of the first) is not taken from training (until 2026-12-02 it was inside the budget too).
-Anchor (performance issue, measured on the same machine kind): nanoGPT's CPU recipe stretched to 10 minutes,
-2.208 bpb; target <= 2.10.
+Each run is `train.py --preset cpu10` (bytelm.train_config.TRAIN_PRESETS): the first 90% of the file trains,
+the last 10% validates, as nanoGPT's prepare.py splits it. The budget covers everything that the score needs:
+loading the data, timing the final evaluation's reserve, training, its periodic evaluations and the final
+evaluation of the best checkpoint on the WHOLE validation split over consecutive windows of seq_len bytes
+(each window starts from no context, as nanoGPT-style evaluation does): that is the score. After the budget,
+the same checkpoint is also scored over a sliding window that moves by seq_len / 2, so every byte after the
+first window is predicted from at least seq_len / 2 bytes before it (the rate at which the model would
+compress the text): a second view, not the score, so its cost is not taken from training.
+Anchor: nanoGPT's CPU recipe stretched to 10 minutes on the same machine kind, 2.208 bpb; target <= 2.10.
 """
 from __future__ import annotations
 
@@ -28,31 +28,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from common import SHAKESPEARE, markdown_table, report  # noqa: E402
+from bytelm.batches import SlidingBatches, eval_batches  # noqa: E402
 from bytelm.checkpoint import load_model  # noqa: E402
-from bytelm.batches import SlidingBatches, eval_batches
 from bytelm.corpus import load_corpus  # noqa: E402
+from bytelm.distributed import auto_threads  # noqa: E402
+from bytelm.evaluate import evaluate  # noqa: E402
 from bytelm.metrics import bits_per_byte  # noqa: E402
 from bytelm.model import ByteLM  # noqa: E402
-from bytelm.training import TrainConfig, auto_threads, evaluate, train  # noqa: E402
-
-
+from bytelm.train_config import TRAIN_PRESETS, TrainConfig  # noqa: E402
+from bytelm.training import train  # noqa: E402
 
 # The final evaluation's reserve: its forward passes timed on a few batches before training, times this margin
 # (the machine may be slower by then), plus LOAD_S for loading the best checkpoint; never more than
-# `fixed_reserve`, which earlier runs showed to be enough (so a busy moment during the timing cannot eat the
-# budget). 4x4x160 on the 2-core EPYC (12-02): 0.06-0.1 s per batch as the machine's speed goes, so 7-10 s kept
-# for the 55 batches of the consecutive windows, where the fixed reserve kept 24.5 s for those and the sliding
-# window's 109.
-EVAL_MARGIN = 1.5  # 1.25 left seed 2 of the 12-02 05:15 run at 600 s of 600, rounded
+# `fixed_reserve` (so a busy moment during the timing cannot eat the budget). At 4x4x160 on the 2-core EPYC a
+# batch takes 0.06-0.1 s as the machine's speed goes, so 7-10 s are kept for the 55 batches of the
+# consecutive windows. A margin of 1.25 once left a run at 600 s of 600, rounded.
+EVAL_MARGIN = 1.5
 LOAD_S = 2.0
 TIMED_BATCHES = 3
 
 
 def fixed_reserve(n_params: int) -> float:
-    """The reserve used until 12-02, by model size. Measured for one evaluation: 7 s at 4x4x128 (0.8M
-    parameters, 2026-11-29), 13 s at 6x8x192 (2.7M); the sliding one costs twice the forward passes (4.5 s and
-    8.5 s at 4x4x160, 11-29)."""
-    return 6.0 + 15.0 * n_params / 1e6  # 4x4x96 (0.47M) used 599 s of 600 with 4 s + 7 s per million, one eval
+    """An upper bound on one evaluation's cost by model size: about 7 s at 4x4x128 (0.8M parameters) and 13 s
+    at 6x8x192 (2.7M) were measured, and a 4x4x96 model (0.47M) used 599 s of 600 with 4 s + 7 s per million."""
+    return 6.0 + 15.0 * n_params / 1e6
 
 
 def final_eval_reserve(cfg: TrainConfig, val, n_batches: int) -> float:
@@ -77,6 +76,8 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=600.0, help="seconds for training + all evaluation")
     ap.add_argument("--data", default=str(SHAKESPEARE))
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--preset", default="cpu10", choices=list(TRAIN_PRESETS),
+                    help="the training recipe (TrainConfig preset) to run (default: cpu10)")
     ap.add_argument("--seeds", help="comma-separated seeds: one whole run (and budget) each, then their mean. "
                                     "Runs of one recipe differ by about 0.01-0.02 bpb with the seed")
     ap.add_argument("train_flags", nargs="*", help="TrainConfig overrides as key=value, e.g. n_layer=4")
@@ -84,7 +85,7 @@ def main() -> None:
     if not Path(args.data).exists():
         sys.exit(f"error: {args.data} not found (the benchmark text lives in ../shared/data)")
     overrides = {}
-    defaults = TrainConfig()
+    defaults = TrainConfig.from_preset(args.preset)
     for kv in args.train_flags:
         k, sep, v = kv.partition("=")
         if not sep or not hasattr(defaults, k):
@@ -99,10 +100,10 @@ def main() -> None:
         seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [None]
     except ValueError:
         ap.error(f"--seeds takes comma-separated integers, not {args.seeds!r}")
-    runs = [one_run(args.data, args.budget, overrides if seed is None else {**overrides, "seed": seed})
+    runs = [one_run(args.data, args.budget, args.preset, overrides if seed is None else {**overrides, "seed": seed})
             for seed in seeds]
     cfg = runs[0]["cfg"]
-    shape = (f"bytelm {cfg.n_layer}x{cfg.n_head}x{cfg.n_embd}" + (", value embeddings" if cfg.value_embeds else "")
+    shape = (f"bytelm --preset {args.preset}: {cfg.n_layer}x{cfg.n_head}x{cfg.n_embd}" + (", value embeddings" if cfg.value_embeds else "")
              + f", batch {cfg.batch_size} x {cfg.seq_len}"
              + (f" ({cfg.short_seq_share:.0%} of steps at {cfg.batch_size * cfg.seq_len // cfg.short_seq_len} x "
                 f"{cfg.short_seq_len})" if cfg.short_seq_len else "")
@@ -129,20 +130,19 @@ def main() -> None:
                     "nanoGPT anchor 2.208 (published, not run here)"))
 
 
-def one_run(data: str, budget: float, overrides: dict) -> dict:
+def one_run(data: str, budget: float, preset: str, overrides: dict) -> dict:
     """Train within `budget` seconds (the final evaluation's reserve included), then score the best checkpoint
     on the whole validation split over consecutive windows, within the budget, and over a sliding window."""
     out = Path(tempfile.mkdtemp(prefix="bytelm-ttq-")) / "model.pt"
     t0 = time.perf_counter()
-    shape = TrainConfig(**{**dict(data=data), **overrides})  # the model shape and threads, for the reserve
-    corpus = load_corpus(data, val_fraction=0.1, cache_dir=shape.cache_dir or None)
+    shape = TrainConfig.from_preset(preset, **{"data": data, **overrides})  # the shape and threads, for the reserve
+    corpus = load_corpus(data, val_fraction=shape.val_fraction, cache_dir=shape.cache_dir or None)
     batches = eval_batches(corpus.val, shape.batch_size, shape.seq_len)  # the whole split
     sliding = SlidingBatches(corpus.val, shape.batch_size, shape.seq_len, stride=shape.seq_len // 2)
     reserve = final_eval_reserve(shape, corpus.val, len(batches))
-    cfg = TrainConfig(**{**dict(data=data, val_fraction=0.1, out=str(out), steps=100_000, plot=False,
-                                sample_bytes=0, eval_every=200, save_every=200,  # resume state at evaluations only
-                                time_budget=budget - reserve - (time.perf_counter() - t0)),
-                         **overrides})
+    cfg = TrainConfig.from_preset(preset, **{**dict(data=data, out=str(out), plot=False, sample_bytes=0,
+                                                    time_budget=budget - reserve - (time.perf_counter() - t0)),
+                                             **overrides})
     summary = train(cfg, progress=False, command="bench/bench_time_to_quality.py")
     model, _ = load_model(out)
     cpu = torch.device("cpu")

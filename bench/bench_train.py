@@ -7,7 +7,7 @@ Each row times full optimizer steps (forward, backward, Muon + AdamW) after warm
 MFU divides achieved model FLOP/s by the best matmul FLOP/s measured in the same run, for fp32 and bf16.
 FLOPs per byte use nanoGPT's estimate, 6 N + 12 L C T, so the numbers compare with its MFU.
 Each row runs in a fresh process, so its peak RSS is its own: the C allocator keeps what an earlier row freed
-(at the upstream shape an eager row peaks near 1.9 GB, a compiled one near 1.6 GB: 2026-11-29).
+(at the upstream shape an eager row peaks near 1.9 GB, a compiled one near 1.6 GB).
 A bf16 row is measured only where the CPU has native bf16 (see bytelm/device.py): elsewhere one step takes
 minutes, and the row says so instead.
 """
@@ -28,6 +28,7 @@ from bytelm.config import ModelConfig  # noqa: E402
 from bytelm.device import autocast, cpu_has_fast_bf16  # noqa: E402
 from bytelm.model import ByteLM  # noqa: E402
 from bytelm.optim import build_optimizers  # noqa: E402
+from bytelm.training import use_private_compile_cache  # noqa: E402
 
 
 def flops_per_byte(model: ByteLM, seq_len: int) -> float:
@@ -41,7 +42,9 @@ def time_steps(cfg: ModelConfig, batch: int, seq_len: int, dtype: str, compile_m
     torch.manual_seed(0)
     model = ByteLM(cfg)
     optimizers = build_optimizers(model, muon_lr=0.01, adam_lr=0.001)
-    model.compile_blocks(compile_model)  # as training does: bytelm.training
+    if compile_model:
+        use_private_compile_cache("")  # as training does: bytelm.training
+    model.compile_blocks(compile_model)
     g = torch.Generator().manual_seed(0)
     device = torch.device("cpu")
     times = []

@@ -20,6 +20,7 @@ import torch  # noqa: E402
 from bytelm.config import ModelConfig  # noqa: E402
 from bytelm.model import ByteLM  # noqa: E402
 from bytelm.optim import build_optimizers  # noqa: E402
+from bytelm.training import use_private_compile_cache  # noqa: E402
 
 
 def main() -> None:
@@ -42,7 +43,9 @@ def main() -> None:
     model = ByteLM(ModelConfig(n_layer=args.layers, n_head=args.heads, n_embd=args.width, block_size=args.seq,
                                 value_embeds=args.value_embeds))
     optimizers = build_optimizers(model, muon_lr=0.01, adam_lr=0.001)
-    model.compile_blocks(not args.eager)  # as training does: bytelm.training
+    if not args.eager:
+        use_private_compile_cache("")  # as training does: bytelm.training
+    model.compile_blocks(not args.eager)
     x = torch.randint(0, 256, (args.batch, args.seq))
     y = torch.randint(0, 256, (args.batch, args.seq))
     times: dict[str, list[float]] = {"forward + backward": [], "clip": [], "optimizers": []}

@@ -14,7 +14,10 @@ import math
 import os
 from pathlib import Path
 
+from .files import atomic_write
+
 LN2 = math.log(2.0)
+PLOT_TITLE = "bytelm training loss"  # also stored in the PNG's metadata: how --force knows the plot is ours
 
 
 def bits_per_byte(nats: float) -> float:
@@ -23,15 +26,17 @@ def bits_per_byte(nats: float) -> float:
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """All records of a metrics log, skipping a torn last line (a crash mid-write)."""
+    """All records of a metrics log (objects with a "step"), skipping a torn last line (a crash mid-write)."""
     out = []
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8", errors="replace") as f:
             for line in f:
                 try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass
+                    record = json.loads(line)
+                except ValueError:  # JSONDecodeError, or a number too long to convert
+                    continue
+                if isinstance(record, dict) and isinstance(record.get("step"), int):
+                    out.append(record)
     except FileNotFoundError:
         pass
     return out
@@ -48,14 +53,9 @@ class MetricsLog:
     def truncate_after(self, step: int) -> None:
         if not self.enabled or not self.path.exists():
             return
-        keep = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
-        os.replace(tmp, self.path)
-
-    def reset(self) -> None:
-        if self.enabled:
-            self.path.unlink(missing_ok=True)
+        keep = [r for r in read_metrics(self.path) if r["step"] <= step]
+        text = "".join(json.dumps(r) + "\n" for r in keep).encode("utf-8")
+        atomic_write(self.path, lambda f: f.write(text))
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -81,8 +81,8 @@ def plot_losses(metrics_path: str | os.PathLike, png_path: str | os.PathLike) ->
     except ImportError:
         return False
     records = read_metrics(metrics_path)
-    train = [(r["step"], bits_per_byte(r["loss"])) for r in records if "loss" in r]
-    val = [(r["step"], r["val_bpb"]) for r in records if "val_bpb" in r]
+    train = [(r["step"], bits_per_byte(r["loss"])) for r in records if _is_number(r.get("loss"))]
+    val = [(r["step"], r["val_bpb"]) for r in records if _is_number(r.get("val_bpb"))]
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
     if train:
         steps, bpb = zip(*train)
@@ -96,16 +96,19 @@ def plot_losses(metrics_path: str | os.PathLike, png_path: str | os.PathLike) ->
         ax.annotate(f"best {best[1]:.3f}", best, textcoords="offset points", xytext=(0, 8), ha="center")
     ax.set_xlabel("step")
     ax.set_ylabel("bits per byte")
-    ax.set_title("bytelm training loss")
+    ax.set_title(PLOT_TITLE)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    png_path = Path(png_path)
-    tmp = png_path.with_name(png_path.name + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    try:
+        atomic_write(png_path, lambda f: fig.savefig(f, format="png", metadata={"Title": PLOT_TITLE}))
+    finally:
+        plt.close(fig)
     return True
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _ema(values, beta: float) -> list[float]:

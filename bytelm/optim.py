@@ -38,7 +38,7 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_STEPS = 5
 
 # Muon's momentum (torch's default, with Nesterov), and where the training loop's warmup of it starts
-# (bytelm.training.muon_momentum; modded-nanogpt's schedule).
+# (bytelm.schedule.muon_momentum; modded-nanogpt's schedule).
 MOMENTUM = 0.95
 MOMENTUM_START = 0.85
 

@@ -28,10 +28,12 @@ import torch
 import bytelm.checkpoint as ckpt_mod
 import bytelm.training as training
 from bytelm.checkpoint import load_model, read_checkpoint
+from bytelm.cli.train import main
 from bytelm.errors import BytelmError, run_cli
-from bytelm.metrics import read_metrics
+from bytelm.metrics import MetricsLog, read_metrics
 from bytelm.model import ByteLM
-from bytelm.training import NonFiniteLoss, RunPaths, TrainConfig, lock_path, main, run_lock, train
+from bytelm.run_files import RunPaths, lock_path, run_lock
+from bytelm.training import NonFiniteLoss, TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -111,7 +113,7 @@ class Subprocess:
 
 _SERVER = r"""
 import json, os, sys, traceback
-import bytelm.training as training
+import bytelm.cli.train as train_cli
 import torch._dynamo, tqdm  # imported by the optimizers' constructor and the loop: 2.5 s, once here
 from bytelm.errors import run_cli
 done = {}
@@ -130,7 +132,7 @@ for line in sys.stdin:
                 null = os.open(os.devnull, os.O_RDWR)
                 err = os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
                 os.dup2(null, 0), os.dup2(null, 1), os.dup2(err, 2)
-                code = run_cli(training.main, argv)
+                code = run_cli(train_cli.main, argv)
             except BaseException:
                 traceback.print_exc()
             finally:
@@ -147,7 +149,7 @@ for line in sys.stdin:
 
 
 class ForkServer:
-    """One interpreter that has imported bytelm.training; start() forks a training process from it."""
+    """One interpreter that has imported bytelm's training command; start() forks a training process from it."""
 
     def __init__(self):
         self.proc = subprocess.Popen([PY, "-c", _SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -375,7 +377,7 @@ def test_a_failing_write_mid_run_keeps_the_previous_checkpoint_and_says_one_line
 
 def test_a_full_disk_while_logging_metrics_is_one_line_too(tmp_path, corpus_file, capsys, monkeypatch):
     out = tmp_path / "m.pt"
-    real_write = training.MetricsLog.write
+    real_write = MetricsLog.write
     calls = {"n": 0}
 
     def write(self, record):
@@ -384,7 +386,7 @@ def test_a_full_disk_while_logging_metrics_is_one_line_too(tmp_path, corpus_file
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real_write(self, record)
 
-    monkeypatch.setattr(training.MetricsLog, "write", write)
+    monkeypatch.setattr(MetricsLog, "write", write)
     rc = run_cli(main, cli_args(out, corpus_file, "--steps", "30", "--save-every", "2", "--eval-every", "100"))
     err = capsys.readouterr().err
     assert rc == 1 and err.count("\n") == 1 and "Traceback" not in err, err

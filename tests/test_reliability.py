@@ -28,7 +28,9 @@ from bytelm.checkpoint import FORMAT_VERSION, load_model, read_checkpoint, save_
 from bytelm.config import ModelConfig
 from bytelm.errors import CheckpointError, run_cli
 from bytelm.model import ByteLM
-from bytelm.training import RunPaths, TrainConfig, main, train
+from bytelm.cli.train import main
+from bytelm.run_files import RunPaths
+from bytelm.training import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64)

@@ -15,14 +15,20 @@ from pathlib import Path
 import pytest
 import torch
 
+import bytelm.schedule as schedule
 import bytelm.training as training
-from bytelm.checkpoint import atomic_save, load_model, read_checkpoint
+from bytelm.checkpoint import load_model, read_checkpoint
 from bytelm.batches import SlidingBatches, eval_batches
 from bytelm.corpus import load_corpus
 from bytelm.errors import BytelmError, run_cli
 from bytelm.metrics import bits_per_byte, read_metrics
 from bytelm.model import ByteLM
-from bytelm.training import NonFiniteLoss, RunPaths, TrainConfig, build_parser, main, train
+from bytelm.cli.train import build_parser, config_from_args, main
+from bytelm.distributed import auto_threads
+from bytelm.evaluate import evaluate
+from bytelm.run_files import RunPaths
+from bytelm.train_config import COMPILE_MIN_STEPS
+from bytelm.training import NonFiniteLoss, TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("the quick brown fox jumps over the lazy dog while a small bird sings in the old tree and "
@@ -58,7 +64,7 @@ def test_tiny_model_lowers_its_validation_loss(tmp_path, corpus_file):
     corpus = load_corpus(cfg.data, cache_dir=cfg.cache_dir)
     torch.manual_seed(cfg.seed)
     untrained = ByteLM(cfg.model_config())
-    before = bits_per_byte(training.evaluate(untrained, eval_batches(corpus.val, cfg.batch_size, cfg.seq_len,
+    before = bits_per_byte(evaluate(untrained, eval_batches(corpus.val, cfg.batch_size, cfg.seq_len,
                                                                      cfg.eval_batches), torch.device("cpu"), "fp32"))
 
     summary = train(cfg, progress=False)
@@ -94,7 +100,7 @@ def test_sliding_evaluation_is_the_mean_over_each_byte_scored_once():
         done = start + seq_len
     assert n == 299
     for batch_size in (1, 4, 5):  # a short last batch must weigh by the bytes it scores
-        got = training.evaluate(model, SlidingBatches(data, batch_size, seq_len, stride), torch.device("cpu"),
+        got = evaluate(model, SlidingBatches(data, batch_size, seq_len, stride), torch.device("cpu"),
                                 "fp32")
         assert got == pytest.approx(nats / n, rel=1e-5)
 
@@ -131,31 +137,6 @@ def test_resume_from_the_cli_takes_the_saved_settings_and_new_steps(tmp_path, co
     state = read_checkpoint(RunPaths.for_out(out).last)["train_state"]
     assert state["step"] == 14 and state["config"]["n_embd"] == 32 and state["config"]["data"] == str(corpus_file)
     assert [r["step"] for r in read_metrics(RunPaths.for_out(out).metrics) if "loss" in r] == list(range(1, 15))
-
-
-def test_resuming_a_run_saved_before_a_setting_existed_goes_on_as_it_ran(tmp_path, corpus_file):
-    """A run saved before NorMuon and the momentum warmup existed resumes without them, not with their defaults."""
-    out = tmp_path / "m.pt"
-    args = ["--preset", "tiny", "--data", str(corpus_file), "--out", str(out), "--threads", "1", "--no-plot",
-            "--cache-dir", str(tmp_path / "cache"), "--steps", "6", "--eval-every", "3", "--sample-bytes", "0"]
-    assert main(args) == 0
-    last = RunPaths.for_out(out).last
-    ckpt = read_checkpoint(last)
-    state = ckpt["train_state"]
-    assert state["config"]["normuon"] is True and state["config"]["momentum_warmup"] > 0  # today's defaults
-    for name in ("normuon", "momentum_warmup"):  # what a save from before those settings holds
-        del state["config"][name]
-    for per_param in state["optimizers"][0]["state"].values():
-        del per_param["second_moment"]
-    atomic_save(ckpt, last)
-
-    assert main(["--out", str(out), "--resume", "--steps", "8"]) == 0
-    state = read_checkpoint(last)["train_state"]
-    assert state["step"] == 8
-    assert state["config"]["normuon"] is False and state["config"]["momentum_warmup"] == 0
-    muon = state["optimizers"][0]
-    assert not any("second_moment" in per_param for per_param in muon["state"].values())
-    assert muon["param_groups"][0]["momentum"] == pytest.approx(0.95)  # no warmup: 0.95 from the start
 
 
 @pytest.mark.parametrize("momentum_warmup", [0, 10])
@@ -285,11 +266,11 @@ def test_every_train_config_field_is_a_flag_with_help():
 
 
 def test_presets_and_flags_combine_with_flags_winning():
-    seed = training.config_from_args({"preset": "seed"})
+    seed = config_from_args({"preset": "seed"})
     assert (seed.batch_size, seed.seq_len, seed.steps, seed.muon_lr, seed.adam_lr) == (24, 512, 5000, 0.01, 0.001)
     assert (seed.n_layer, seed.n_head, seed.n_embd) == (6, 8, 192)
-    assert training.config_from_args({"preset": "seed", "steps": 7}).steps == 7
-    assert training.config_from_args({}) == TrainConfig()
+    assert config_from_args({"preset": "seed", "steps": 7}).steps == 7
+    assert config_from_args({}) == TrainConfig()
 
 
 @pytest.mark.parametrize("bad", [dict(steps=0), dict(dtype="fp8"), dict(seq_len=128, block_size=64),
@@ -373,13 +354,13 @@ def test_a_run_that_slows_down_after_planning_still_finishes_its_decay(tmp_path,
 
 def test_replanning_follows_the_measured_pace_and_never_moves_the_decay_into_the_past():
     cfg = TrainConfig(steps=1000, time_budget=100.0, cooldown=0.4)
-    fit = 200 + int((1 - training.REPLAN_MARGIN) * 60 / 0.1)
-    assert training.replan_steps(cfg, 200, 40.0, 0.1, asked=1000) == (fit, 0.4)
-    assert training.replan_steps(cfg, 200, 40.0, 0.01, asked=1000) == (1000, 0.4)  # never more than --steps
-    assert training.replan_steps(cfg, 200, 96.0, 1.0, asked=1000) == (335, 0.4)  # flat through step 201
-    assert not training.cooldown_started(599, 1000, 0.4) and training.cooldown_started(600, 1000, 0.4)
-    assert training.lr_scale(599, 1000, 0, 0.4) == 1.0 and training.lr_scale(600, 1000, 0, 0.4) == 1.0
-    assert training.lr_scale(601, 1000, 0, 0.4) < 1.0
+    fit = 200 + int((1 - schedule.REPLAN_MARGIN) * 60 / 0.1)
+    assert schedule.replan_steps(cfg, 200, 40.0, 0.1, asked=1000) == (fit, 0.4)
+    assert schedule.replan_steps(cfg, 200, 40.0, 0.01, asked=1000) == (1000, 0.4)  # never more than --steps
+    assert schedule.replan_steps(cfg, 200, 96.0, 1.0, asked=1000) == (335, 0.4)  # flat through step 201
+    assert not schedule.cooldown_started(599, 1000, 0.4) and schedule.cooldown_started(600, 1000, 0.4)
+    assert schedule.lr_scale(599, 1000, 0, 0.4) == 1.0 and schedule.lr_scale(600, 1000, 0, 0.4) == 1.0
+    assert schedule.lr_scale(601, 1000, 0, 0.4) < 1.0
 
 
 @pytest.mark.parametrize("pace", [0.01, 0.05, 0.1, 0.5, 5.0])
@@ -388,14 +369,14 @@ def test_replanning_in_the_decay_goes_on_from_the_current_rate_and_ends_at_zero(
     """A machine that speeds up or slows down after the decay began: the plan still ends at the budget, and
     the learning rate neither jumps nor stops above zero."""
     cfg = TrainConfig(steps=1000, time_budget=100.0, cooldown=0.4, warmup=10)
-    total, cooldown = training.replan_steps(cfg, step, 60.0, pace, asked=5000)
+    total, cooldown = schedule.replan_steps(cfg, step, 60.0, pace, asked=5000)
     assert step < total <= 5000 and 0 < cooldown <= 1
-    assert total <= step + max(1, int((1 - training.REPLAN_MARGIN) * 40 / pace))  # fits in what is left
-    before = training.lr_scale(step, 1000, 10, 0.4)
-    after = training.lr_scale(step, total, 10, cooldown)
+    assert total <= step + max(1, int((1 - schedule.REPLAN_MARGIN) * 40 / pace))  # fits in what is left
+    before = schedule.lr_scale(step, 1000, 10, 0.4)
+    after = schedule.lr_scale(step, total, 10, cooldown)
     decay_steps = round(cooldown * total)
     assert before * (1 - 1 / decay_steps) - 1e-9 <= after <= before + 1e-9  # no jump, bar whole steps
-    rates = [training.lr_scale(s, total, 10, cooldown) for s in range(step, total + 1)]
+    rates = [schedule.lr_scale(s, total, 10, cooldown) for s in range(step, total + 1)]
     assert all(a >= b for a, b in zip(rates, rates[1:]))  # still decaying
     assert rates[-2] > 0 and rates[-1] == 0.0  # the last update is the decay's last
 
@@ -403,10 +384,10 @@ def test_replanning_in_the_decay_goes_on_from_the_current_rate_and_ends_at_zero(
 def test_plan_steps_fits_steps_and_evaluations_into_the_budget():
     cfg = TrainConfig(steps=1000, time_budget=100.0, eval_every=100, eval_batches=9, cooldown=0.4)
     # 0.1 s per step; an eval costs (9/3 + 2) x 0.1 = 0.5 s; 10 s already spent; 97 - 10 = 87 s left.
-    planned = training.plan_steps(cfg, 20, 10.0, 0.1)
+    planned = schedule.plan_steps(cfg, 20, 10.0, 0.1)
     assert planned == 20 + int((87 - 0.5) / (0.1 + 0.5 / 100))
-    assert training.plan_steps(cfg, 20, 10.0, 0.001) == 1000  # never more than --steps
-    assert training.plan_steps(cfg, 20, 99.0, 1.0) == 35  # never so few that the decay began in the past
+    assert schedule.plan_steps(cfg, 20, 10.0, 0.001) == 1000  # never more than --steps
+    assert schedule.plan_steps(cfg, 20, 99.0, 1.0) == 35  # never so few that the decay began in the past
 
 
 def test_auto_threads_leaves_the_cores_other_processes_keep_busy(monkeypatch):
@@ -414,13 +395,13 @@ def test_auto_threads_leaves_the_cores_other_processes_keep_busy(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     monkeypatch.setattr(os, "getloadavg", lambda: (1.3, 1.0, 1.0))
-    assert training.auto_threads() == 1
+    assert auto_threads() == 1
     monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.0, 0.0))
-    assert training.auto_threads() == 2
+    assert auto_threads() == 2
     monkeypatch.setattr(os, "getloadavg", lambda: (5.0, 5.0, 5.0))
-    assert training.auto_threads() == 1
+    assert auto_threads() == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "2")  # torchrun, or the user, decided
-    assert training.auto_threads() == 2
+    assert auto_threads() == 2
 
 
 def test_compiled_training_follows_the_eager_reference(tmp_path, corpus_file):
@@ -449,7 +430,7 @@ def test_a_failing_compile_falls_back_to_eager_and_evaluation_never_uses_compile
             raise RuntimeError("backend compiler failed")
 
     monkeypatch.setattr(torch, "compile", lambda module, **kw: Broken(module))
-    cfg = tiny(tmp_path, corpus_file, steps=training.COMPILE_MIN_STEPS, eval_every=100, sample_bytes=8,
+    cfg = tiny(tmp_path, corpus_file, steps=COMPILE_MIN_STEPS, eval_every=100, sample_bytes=8,
                compile="auto")
     summary = train(cfg, progress=False)
 
@@ -466,3 +447,88 @@ def test_auto_compile_is_off_for_short_runs(tmp_path, corpus_file, monkeypatch):
 
     monkeypatch.setattr(torch, "compile", refuse)
     train(tiny(tmp_path, corpus_file, steps=3, eval_every=3, sample_bytes=0, compile="auto"), progress=False)
+
+
+# --- an earlier run's files (never lost without --force) -------------------------------------------------------
+
+def earlier_run_args(tmp_path, corpus_file, *extra) -> list[str]:
+    return ["--preset", "tiny", "--data", str(corpus_file), "--out", str(tmp_path / "m.pt"), "--threads", "1",
+            "--cache-dir", str(tmp_path / "cache"), "--sample-bytes", "0", "--steps", "4", "--eval-every", "2", *extra]
+
+
+@pytest.mark.parametrize("left", ["m.metrics.jsonl", "m.loss.png", "m.last.pt"])
+def test_a_new_run_refuses_to_overwrite_any_file_of_an_earlier_run(tmp_path, corpus_file, capsys, left):
+    assert main(earlier_run_args(tmp_path, corpus_file)) == 0
+    for p in tmp_path.glob("m.*"):
+        if p.name != left:
+            p.unlink()
+    before = (tmp_path / left).read_bytes()
+    rc = run_cli(main, earlier_run_args(tmp_path, corpus_file))
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and left in err and "--force" in err, err
+    assert (tmp_path / left).read_bytes() == before
+    # --force removes bytelm's own files and starts over
+    assert run_cli(main, earlier_run_args(tmp_path, corpus_file, "--force", "--steps", "2")) == 0
+    assert [r["step"] for r in read_metrics(tmp_path / "m.metrics.jsonl") if "loss" in r] == [1, 2]
+
+
+@pytest.mark.parametrize("name, content", [("m.metrics.jsonl", b"my notes, not a metrics log\n"),
+                                           ("m.loss.png", b"\x89PNG\r\n\x1a\n someone else's picture"),
+                                           ("m.last.pt", b"a file that only looks like a checkpoint")])
+def test_force_never_removes_a_file_bytelm_did_not_write(tmp_path, corpus_file, capsys, name, content):
+    (tmp_path / name).write_bytes(content)
+    rc = run_cli(main, earlier_run_args(tmp_path, corpus_file, "--force"))
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and name in err and "leaves it alone" in err, err
+    assert (tmp_path / name).read_bytes() == content
+    assert not (tmp_path / "m.pt").exists()
+
+
+# --- flags out of range: one line, a non-zero exit, nothing allocated ------------------------------------------
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--threads", "100000", "threads must be at most 1,024"),
+    ("--threads", "-1", "threads must not be negative"),
+    ("--seed", "-1", "seed must be a whole number from 0 to 2**64-1"),
+    ("--seed", str(2**64), "seed must be a whole number from 0 to 2**64-1"),
+    ("--steps", str(10**13), "steps must be at most"),
+    ("--sample-bytes", str(10**9), "sample-bytes must be at most"),
+    ("--device", "meta", "device must be auto, cpu, cuda or cuda:N"),
+    ("--device", "xla", "device must be auto, cpu, cuda or cuda:N"),
+    ("--device", "cuda:7", "cuda:7"),
+    ("--device", "mps", "mps"),
+    ("--batch-size", "1000000000", "batch-size 1000000000 x seq-len 64 would need about"),
+    ("--n-layer", "256", "the model's shape (n-layer 256, n-embd 16384) would need about"),
+])
+def test_out_of_range_flags_are_one_line_and_a_non_zero_exit(tmp_path, corpus_file, flag, value, expected):
+    if flag == "--device" and value == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has mps")
+    if flag == "--device" and value.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has 8 GPUs")
+    extra = ["--n-embd", "16384", "--n-head", "64"] if flag == "--n-layer" else []
+    argv = [str(ROOT / "train.py"), "--preset", "tiny", "--data", str(corpus_file), "--out", str(tmp_path / "m.pt"),
+            "--cache-dir", str(tmp_path / "cache"), *extra, flag, value]
+    # 2 GB of address space: far below what the flag asks for, so allocating before the check would fail loudly
+    limit = "import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30)); " \
+            "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    r = subprocess.run([sys.executable, "-c", limit, *argv], cwd=tmp_path, env=env_one_thread(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode not in (0, -9) and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and expected in r.stderr, r.stderr
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_torch_compile_caches_in_a_private_folder_of_bytelms_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/tmp/torchinductor_someone")  # torch's shared default
+    training.use_private_compile_cache(str(tmp_path / "cache"))
+    folder = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    assert folder == tmp_path / "cache" / "torch-compile" and (folder.stat().st_mode & 0o777) == 0o700
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))  # the user's own choice stays
+    training.use_private_compile_cache(str(tmp_path / "cache"))
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+
+
+def test_the_cpu10_preset_is_the_ten_minute_recipe():
+    cfg = TrainConfig.from_preset("cpu10")
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.seq_len, cfg.batch_size) == (4, 4, 160, 128, 16)
+    assert (cfg.threads, cfg.cooldown, cfg.value_embeds, cfg.time_budget) == (2, 0.6, True, 600.0)
