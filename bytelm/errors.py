@@ -50,7 +50,9 @@ def check_field_types(config, bad: Callable[[str], NoReturn]) -> None:
             continue
         if not ok:
             article = "an" if kind is int else "a"
-            bad(f"{name} must be {article} {'finite number' if kind is float else kind.__name__}, got {value!r}")
+            shown = " ".join(repr(value).split())  # one line, even for a tensor
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            bad(f"{name} must be {article} {'finite number' if kind is float else kind.__name__}, got {shown}")
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
