@@ -10,7 +10,7 @@ Validation holds about val_fraction of the bytes, however few or uneven the docu
      to training, and the next one that fits is taken in its place.
   2. At the end, whatever validation still lacks of val_fraction of all bytes is taken from the end of the
      data (the last training documents, the first of them cut). A lone document is thus split as nanoGPT
-     splits tinyshakespeare: train = data[:int(n * (1 - val_fraction))], val = the rest.
+     splits tinyshakespeare: val = the last ceil(n * val_fraction) bytes, train = the rest.
 Decided while streaming: only the last training documents the end may still need are held back (as file
 references or in memory, never more than about val_fraction of the bytes). docs/data.md has the details.
 """
@@ -99,8 +99,10 @@ def map_split(path: Path) -> np.ndarray:
 
 
 def val_target(total: int, val_fraction: float) -> int:
-    """Validation bytes for `total` bytes of documents: nanoGPT's rounding, train = int(total * (1 - f))."""
-    return total - int(total * (1 - val_fraction))
+    """Validation bytes for `total` bytes of documents: ceil(total * f), f as an exact fraction. With f = 0.1
+    that is nanoGPT's split, train = data[:int(n * 0.9)]; exact, so 60 equal documents are 3 whole ones."""
+    frac = Fraction(val_fraction).limit_denominator(1_000_000)
+    return -(-total * frac.numerator // frac.denominator)
 
 
 class SplitWriter:
@@ -117,6 +119,7 @@ class SplitWriter:
         self.val_fraction = val_fraction
         frac = Fraction(val_fraction).limit_denominator(1_000_000)
         self.p, self.q = frac.numerator, frac.denominator
+        self.share = MAX_VAL_SHARE * frac  # the most whole documents may make validation of the bytes so far
         self.sinks = {s: _FileSink(out_dir / f"{s}.bin") if out_dir else _MemorySink() for s in SPLITS}
         self.written = {s: 0 for s in SPLITS}  # documents (or pieces of one) written to each split
         self.n = self.seen = 0  # documents and their bytes so far
@@ -131,8 +134,8 @@ class SplitWriter:
         self.n += 1
         self.seen += size
         due = self.n * self.p // self.q  # validation documents due by now: floor(n * f)
-        room = MAX_VAL_SHARE * self.p * self.seen / self.q - self.val_bytes
-        if self.whole_val < due and size <= room:
+        share = self.share
+        if self.whole_val < due and (self.val_bytes + size) * share.denominator <= share.numerator * self.seen:
             self.whole_val += 1
             self.val_bytes += size
             self.queue.append((doc, "val"))
@@ -143,7 +146,7 @@ class SplitWriter:
 
     def _lack(self) -> int:
         """Bytes validation lacks of val_fraction of the bytes so far."""
-        return max(0, val_target(self.seen, self.val_fraction) - self.val_bytes)
+        return max(0, -(-self.seen * self.p // self.q) - self.val_bytes)  # val_target, from the exact fraction
 
     def _flush(self) -> None:
         lack = self._lack()
