@@ -6,8 +6,7 @@
     for piece in gen.stream("Once upon a time", max_new_bytes=256, seed=1):
         print(piece, end="", flush=True)                     # whole characters as soon as they are decided
 
-    bytelm generate MODEL -p "Once upon a time" -n 256 --temp 0.8 --seed 1   # one generation to stdout
-    python demo_inference.py [MODEL]                                         # five prompts (demo_main)
+The command lines (`bytelm generate`, `python demo_inference.py`) are in bytelm/cli/generate.py.
 
 How a generation runs (docs/generation.md has the measurements):
   * the prompt is prefilled into a preallocated KV cache once, then each step feeds one byte;
@@ -16,30 +15,30 @@ How a generation runs (docs/generation.md has the measurements):
     block_size - slide_keep new bytes;
   * the model's byte 0 (DOC_SEPARATOR, end of document) ends the generation unless stop_at_separator=False;
   * bytes become text through an incremental UTF-8 decoder, so characters appear whole and invalid
-    sequences become U+FFFD.
+    sequences become U+FFFD;
+  * scores that are not finite numbers (weights that overflow float32) end the generation with a BytelmError,
+    the same on every decode step, rather than a draw from NaN.
 """
 from __future__ import annotations
 
-import argparse
 import codecs
 import ctypes
 import dataclasses
 import math
 import os
-import sys
 import time
-from dataclasses import dataclass, field, fields
-from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from dataclasses import dataclass, fields
+from typing import Iterator
 
 import torch
 
 from .checkpoint import DEFAULT_PATH, load_model
+from .cli.args import option, parse_int, parse_text
 from .config import DOC_SEPARATOR
-from .decode import FastDecoder
-from .device import pick_device
-from .errors import BytelmError
-from .model import ByteLM
+from .decode import FastDecoder, decoder_memory
+from .device import pick_device, require_memory
+from .errors import BytelmError, invalid
+from .model import ByteLM, KVCache, cache_memory
 from .sampling import CSampler, sample_next
 
 _MAX_SEED = 2**64 - 1  # torch.Generator seeds are 64-bit
@@ -48,100 +47,70 @@ _ONE_BYTE = [bytes((i,)) for i in range(256)]  # avoids building a bytes object 
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Settings: one dataclass; CLI flags and REPL commands are derived from its fields' metadata.
-
-def _setting(default, help: str, flags: tuple[str, ...], parse: Callable[[str, str], object], metavar: str = ""):
-    return field(default=default, metadata={"help": help, "flags": flags, "parse": parse, "metavar": metavar})
-
-
-def _parse_int(name: str, text: str) -> int:
-    try:
-        return int(text.strip())
-    except ValueError:
-        raise BytelmError(f"{name} must be a whole number, got {text.strip()!r}") from None
-
-
-def _parse_float(name: str, text: str) -> float:
-    try:
-        value = float(text.strip())
-    except ValueError:
-        raise BytelmError(f"{name} must be a number, got {text.strip()!r}") from None
-    return value
-
-
-def _parse_bool(name: str, text: str) -> bool:
-    t = text.strip().lower()
-    if t in ("on", "true", "yes", "1"):
-        return True
-    if t in ("off", "false", "no", "0"):
-        return False
-    raise BytelmError(f"{name} must be on or off, got {text.strip()!r}")
-
+# Settings: one dataclass; the command-line flags (bytelm.cli.args) and the REPL's commands come from its fields.
 
 def _parse_seed(name: str, text: str) -> int | None:
     if text.strip().lower() in ("none", "off", "random", "-1"):  # -1 = random, as in llama.cpp
         return None
-    return _parse_int(name, text)
+    return parse_int(name, text)
 
 
 @dataclass
 class InferenceConfig:
     """Sampling and length settings, HuggingFace names and semantics. Validated on creation and on replace()."""
-    max_new_bytes: int = _setting(
+    max_new_bytes: int = option(
         1024, "bytes to generate (fewer if the model ends the document)",  # upstream /length default
-        ("--max-new-bytes", "-n", "--n-predict"), _parse_int, "N")
-    temperature: float = _setting(
+        flags=("--max-new-bytes", "-n", "--n-predict"), metavar="N")
+    temperature: float = option(
         0.8, "0 = greedy, else 0.1-2.0; lower is more predictable",  # upstream default
-        ("--temperature", "--temp"), _parse_float, "T")
-    top_k: int = _setting(
+        flags=("--temperature", "--temp"), metavar="T")
+    top_k: int = option(
         50, "sample only from the k most likely bytes, 1-256 (256 = off)",  # upstream default
-        ("--top-k",), _parse_int, "K")
-    top_p: float = _setting(
+        flags=("--top-k",), metavar="K")
+    top_p: float = option(
         0.9, "nucleus: smallest set of bytes with this total probability, 0.1-1.0 (1.0 = off)",  # upstream
-        ("--top-p",), _parse_float, "P")
-    min_p: float = _setting(
+        flags=("--top-p",), metavar="P")
+    min_p: float = option(
         0.0, "drop bytes less likely than min_p x the top byte, 0.0-1.0 (0 = off)",  # off: upstream had none
-        ("--min-p",), _parse_float, "P")
-    repetition_penalty: float = _setting(
+        flags=("--min-p",), metavar="P")
+    repetition_penalty: float = option(
         1.1, "penalty on bytes seen in the last repeat_last_n bytes, 1.0-2.0 (1.0 = off)",
-        # measured (docs/generation.md): greedy loops 32% -> 2%, no change at the default temperature
-        ("--repetition-penalty", "--repeat-penalty"), _parse_float, "X")
-    repeat_last_n: int = _setting(
+        # greedy loops 32% -> 2%, no change at the default temperature (docs/generation.md)
+        flags=("--repetition-penalty", "--repeat-penalty"), metavar="X")
+    repeat_last_n: int = option(
         64, "window of the repetition penalty in bytes (0 = none, -1 = whole context)",
         # llama.cpp's default, and the best of 16/64/256 measured: 16 misses loops, 256 hits every letter
-        ("--repeat-last-n",), _parse_int, "N")
-    seed: int | None = _setting(
+        flags=("--repeat-last-n",), metavar="N")
+    seed: int | None = option(
         None, "random seed; same seed and settings give the same bytes (none = fresh each time)",
-        ("--seed", "-s"), _parse_seed, "SEED")
-    stop_at_separator: bool = _setting(
-        True, "stop when the model ends the document (emits byte 0, the document separator)",
-        ("--stop-at-separator",), _parse_bool)
+        flags=("--seed", "-s"), parse=_parse_seed, metavar="SEED")
+    stop_at_separator: bool = option(
+        True, "stop when the model ends the document (emits byte 0, the document separator)")
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
         """Raise BytelmError with one clear line if any setting is out of range."""
-        def number(name: str, lo: float, hi: float) -> float:
+        bad = invalid("generation setting")
+
+        def number(name: str, lo: float, hi: float) -> None:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
-                raise BytelmError(f"{name} must be a number, got {v!r}")
+                bad(f"{name} must be a number, got {v!r}")
             if not lo <= v <= hi:
-                raise BytelmError(f"{name} must be between {lo} and {hi}, got {v}")
-            return float(v)
+                bad(f"{name} must be between {lo} and {hi}, got {v}")
 
-        def integer(name: str, lo: int, hi: int | None = None) -> int:
+        def integer(name: str, lo: int, hi: int | None = None) -> None:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
-                raise BytelmError(f"{name} must be a whole number, got {v!r}")
+                bad(f"{name} must be a whole number, got {v!r}")
             if v < lo or (hi is not None and v > hi):
-                raise BytelmError(f"{name} must be {f'between {lo} and {hi}' if hi is not None else f'at least {lo}'}"
-                                  f", got {v}")
-            return v
+                bad(f"{name} must be {f'between {lo} and {hi}' if hi is not None else f'at least {lo}'}, got {v}")
 
         t = self.temperature
         if isinstance(t, bool) or not isinstance(t, (int, float)) or math.isnan(t) or not (t == 0 or 0.1 <= t <= 2.0):
-            raise BytelmError(f"temperature must be 0 (greedy) or between 0.1 and 2.0, got {t!r}")
+            bad(f"temperature must be 0 (greedy) or between 0.1 and 2.0, got {t!r}")
         integer("max_new_bytes", 1)
         integer("top_k", 1, 256)
         number("top_p", 0.1, 1.0)
@@ -150,9 +119,9 @@ class InferenceConfig:
         integer("repeat_last_n", -1)
         if self.seed is not None:
             if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= _MAX_SEED:
-                raise BytelmError(f"seed must be a whole number from 0 to 2**64-1, or none for random; got {self.seed!r}")
+                bad(f"seed must be a whole number from 0 to 2**64-1, or none for random; got {self.seed!r}")
         if not isinstance(self.stop_at_separator, bool):
-            raise BytelmError(f"stop_at_separator must be true or false, got {self.stop_at_separator!r}")
+            bad(f"stop_at_separator must be true or false, got {self.stop_at_separator!r}")
 
     def replace(self, **changes) -> "InferenceConfig":
         """A validated copy with some settings changed; unknown names are an error."""
@@ -165,45 +134,11 @@ class InferenceConfig:
     @staticmethod
     def parse_value(name: str, text: str):
         """Turn a user's text into a value for setting `name` (range checks happen in validate())."""
-        return _FIELDS[name].metadata["parse"](name, text)
+        return parse_text(InferenceConfig, name, text)
 
     @staticmethod
     def help_for(name: str) -> str:
-        return _FIELDS[name].metadata["help"]
-
-
-_FIELDS = {f.name: f for f in fields(InferenceConfig)}
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, defaults: InferenceConfig | None = None) -> None:
-    """One flag (plus llama.cpp aliases) per InferenceConfig field; defaults shown come from the dataclass."""
-    defaults = defaults or InferenceConfig()
-    group = parser.add_argument_group("generation settings")
-    for f in fields(InferenceConfig):
-        meta, default = f.metadata, getattr(defaults, f.name)
-        shown = "none" if default is None else ("on" if default is True else "off" if default is False else default)
-        if f.type in ("bool", bool):
-            group.add_argument(*meta["flags"], dest=f.name, action=argparse.BooleanOptionalAction,
-                               default=argparse.SUPPRESS, help=f"{meta['help']} (default: {shown})")
-            continue
-
-        def convert(text: str, _name=f.name, _parse=meta["parse"]):
-            try:
-                return _parse(_name, text)
-            except BytelmError as e:
-                raise argparse.ArgumentTypeError(str(e)) from None
-
-        group.add_argument(*meta["flags"], dest=f.name, type=convert, default=argparse.SUPPRESS,
-                           metavar=meta["metavar"] or f.name.upper(), help=f"{meta['help']} (default: {shown})")
-    group.add_argument("--ignore-eos", dest="stop_at_separator", action="store_false", default=argparse.SUPPRESS,
-                       help="same as --no-stop-at-separator (llama.cpp name)")
-
-
-def config_from_args(args: argparse.Namespace, base: InferenceConfig | None = None) -> InferenceConfig:
-    """The settings given on the command line applied over `base` (validated)."""
-    base = base or InferenceConfig()
-    given = {f.name: getattr(args, f.name) for f in fields(InferenceConfig) if hasattr(args, f.name)}
-    return base.replace(**given)
+        return InferenceConfig.__dataclass_fields__[name].metadata["help"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -307,6 +242,18 @@ class ByteLevelGenerator:
         return data[-max(1, self.block_size - 1):] if data else bytes([DOC_SEPARATOR])
 
     # -- the loop -------------------------------------------------------------------------------------------
+    def _new_cache(self, max_len: int):
+        """A KV cache of max_len positions, after checking that it and the decode step's copies fit."""
+        model = self.model
+        if not isinstance(model, ByteLM):
+            return model.new_cache(1)
+        p = next(model.parameters())
+        need = [cache_memory(model.config, 1, max_len, p.element_size())]
+        if self.decode_step != "reference":
+            need += decoder_memory(model.config)
+        require_memory(need, self.device)
+        return KVCache(model.config, 1, max_len, p.device, p.dtype)
+
     def _decode(self, context: bytes, config: InferenceConfig, trace) -> Iterator[int]:
         model, bs, dev = self.model, self.block_size, self.device
         keep = max(1, min(bs - 1, int(bs * self.slide_keep_fraction)))  # bytes kept when the window slides
@@ -333,7 +280,9 @@ class ByteLevelGenerator:
         n = len(context)
         ctypes.memmove(base, context, n)
         start = 0
-        cache = model.new_cache(1)  # one per generation: interleaved streams never share state
+        # One cache per generation, so interleaved streams never share state; as long as this generation can
+        # use (the prompt, then every byte but the last fed back), at most the context.
+        cache = self._new_cache(min(bs, n + limit))
         # Built per generation (a few ms): it copies the weights, so it must never outlive a change to them.
         fast = None if self.decode_step == "reference" else FastDecoder(
             model, native=self.decode_step in ("auto", "exact"), half=self.decode_step == "auto")
@@ -356,6 +305,11 @@ class ByteLevelGenerator:
                 # Inference mode covers each step's work but never a yield, so it cannot leak into the
                 # caller's code while the generator is suspended.
                 with torch.inference_mode():
+                    # One reduction (a few us): NaN or inf anywhere makes the sum so. Sampling from such scores
+                    # is undefined (torch's draw returned byte 256, the C sampler byte 0), so every path stops.
+                    if not math.isfinite(logits.sum().item()):
+                        raise BytelmError(f"the model's scores for generated byte {produced + 1} are not finite "
+                                          "numbers (its weights overflow float32 arithmetic); generation stopped")
                     if trace is not None:
                         trace(logits.clone(), hist_t[start:n].to(device=dev, dtype=torch.long))
                     lo = max(0, n - window) if window else n  # the penalty applies to hist[lo:n]
@@ -390,117 +344,3 @@ class ByteLevelGenerator:
         finally:
             seconds = time.perf_counter() - t0
             stats.update(new_bytes=produced, seconds=seconds, bytes_per_s=produced / seconds if seconds > 0 else 0.0)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Command-line entry points: `bytelm generate` and `python demo_inference.py`.
-
-def text_stdout():
-    """sys.stdout, set to replace characters its encoding cannot show rather than crash mid-generation."""
-    out = sys.stdout
-    if hasattr(out, "reconfigure"):
-        try:
-            out.reconfigure(errors="replace")
-        except (ValueError, OSError):
-            pass
-    return out
-
-
-def _read_prompt(args: argparse.Namespace) -> bytes:
-    if args.file is None:
-        return prompt_to_bytes(args.prompt)
-    if args.prompt:
-        raise BytelmError("give either --prompt or --file, not both")
-    if args.file == "-":
-        return sys.stdin.buffer.read()
-    try:
-        return Path(args.file).read_bytes()
-    except OSError as e:
-        raise BytelmError(f"cannot read prompt file {args.file}: {e.strerror or e}") from None
-
-
-def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
-    """--device, --threads and --exact, shared by `bytelm generate`, `bytelm chat` and the demo."""
-    parser.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available, else cpu)")
-    parser.add_argument("--threads", type=int, default=1, metavar="N",
-                        help="CPU threads (default: 1; one-byte steps are too small to share out, and a thread "
-                             "whose core is busy stalls the others)")
-    parser.add_argument("--exact", action="store_true",
-                        help="run each step with the fp32 weights, as ByteLM.forward to float rounding (default: "
-                             "the C step reads half-precision copies, 2-3x faster, logits within ~1e-3)")
-
-
-def open_generator(args: argparse.Namespace, config: InferenceConfig) -> "ByteLevelGenerator":
-    """The generator the CLI flags ask for, with torch's CPU threads set from --threads."""
-    if args.threads < 1:
-        raise BytelmError(f"--threads must be at least 1, got {args.threads}")
-    torch.set_num_threads(args.threads)
-    return ByteLevelGenerator(args.model, config, device=args.device,
-                              decode_step="exact" if args.exact else "auto")
-
-
-def main(argv: Sequence[str] | None = None, prog: str = "bytelm generate") -> int:
-    """Print one generation: only the generated text on stdout (a newline is added on a terminal)."""
-    parser = argparse.ArgumentParser(prog=prog, description="Print one generation for a prompt. Only the "
-                                     "generated text goes to stdout; notices go to stderr.")
-    parser.add_argument("model", nargs="?", default=DEFAULT_PATH, help=f"checkpoint (default: {DEFAULT_PATH})")
-    parser.add_argument("-p", "--prompt", default="", help="text to continue (default: empty = a new document)")
-    parser.add_argument("-f", "--file", help="read the prompt's bytes from a file ('-' = standard input)")
-    add_runtime_arguments(parser)
-    parser.add_argument("-v", "--verbose", action="store_true", help="print speed and settings to stderr")
-    add_config_arguments(parser)
-    args = parser.parse_args(argv)
-    config = config_from_args(args)
-    prompt = _read_prompt(args)
-    gen = open_generator(args, config)
-    if len(prompt) > gen.block_size - 1:
-        print(f"note: the prompt has {len(prompt)} bytes; the model sees the last {gen.block_size - 1}",
-              file=sys.stderr)
-    out = text_stdout()
-    for piece in gen.stream(prompt):
-        out.write(piece)
-        out.flush()
-    if out.isatty():
-        out.write("\n")
-    if args.verbose:
-        s = gen.last_stats
-        print(f"{s['new_bytes']} bytes in {s['seconds']:.2f} s ({s['bytes_per_s']:.0f} B/s) on {gen.device}; "
-              f"stopped by {s['stopped_by']}; seed {gen.last_seed}; decode step {s['step']}", file=sys.stderr)
-    return 0
-
-
-DEMO_PROMPTS = (
-    "The future of AI is",
-    "Once upon a time",
-    "ROMEO:\n",
-    "def fibonacci(n):\n",
-    "Dear Sir or Madam,\n\nI am writing to",
-)
-
-
-def demo_main(argv: Sequence[str] | None = None, prog: str = "demo_inference.py") -> int:
-    """Generate from five varied prompts, streaming each."""
-    parser = argparse.ArgumentParser(prog=prog, description="Generate from five varied prompts.")
-    parser.add_argument("model", nargs="?", default=DEFAULT_PATH, help=f"checkpoint (default: {DEFAULT_PATH})")
-    add_runtime_arguments(parser)
-    add_config_arguments(parser, InferenceConfig(max_new_bytes=200))
-    args = parser.parse_args(argv)
-    config = config_from_args(args, InferenceConfig(max_new_bytes=200))
-    if not Path(args.model).exists():
-        raise BytelmError(f"no model at {args.model}: train one first with `python train.py`, "
-                          f"or pass a checkpoint: {prog} MODEL")
-    gen = open_generator(args, config)
-    out = text_stdout()
-    for i, prompt in enumerate(DEMO_PROMPTS, 1):
-        out.write(f"--- {i}/{len(DEMO_PROMPTS)}: {prompt!r}\n{prompt}")
-        for piece in gen.stream(prompt):
-            out.write(piece)
-            out.flush()
-        s = gen.last_stats
-        out.write(f"\n({s['new_bytes']} bytes, {s['bytes_per_s']:.0f} B/s)\n\n")
-    return 0
-
-
-if __name__ == "__main__":
-    from .errors import run_cli
-    sys.exit(run_cli(main))

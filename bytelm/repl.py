@@ -11,14 +11,16 @@ setting command validates its value: a bad one prints why and leaves the setting
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 from dataclasses import dataclass
 from typing import BinaryIO, Callable, Sequence, TextIO
 
 from .checkpoint import DEFAULT_PATH
+from .cli.generate import STREAM_LIMIT, add_config_arguments, add_runtime_arguments, config_from_args, open_generator
+from .cli.terminal import binary_stdin, terminal_text, text_stdout
 from .errors import BytelmError
-from .generation import (ByteLevelGenerator, InferenceConfig, add_config_arguments, add_runtime_arguments,
-                         config_from_args, open_generator, text_stdout)
+from .generation import ByteLevelGenerator, InferenceConfig
 
 PROMPT = "> "
 
@@ -204,7 +206,14 @@ class Repl:
                 return 0
 
     def run_lines(self, lines: BinaryIO) -> int:
-        for raw in lines:
+        """One prompt or command per line; a line longer than STREAM_LIMIT (/dev/zero has no newline) is
+        refused once that much is read, rather than read on into all of memory."""
+        number = 0
+        while raw := lines.readline(STREAM_LIMIT + 1):
+            number += 1
+            if len(raw) > STREAM_LIMIT:
+                raise BytelmError(f"line {number} of standard input is longer than {STREAM_LIMIT >> 20} MiB; "
+                                  "a prompt is read one line at a time")
             line = raw[:-1] if raw.endswith(b"\n") else raw
             line = line[:-1] if line.endswith(b"\r") else line
             if not self.feed(line):
@@ -221,11 +230,13 @@ def main(argv: Sequence[str] | None = None, prog: str = "python inference.py") -
     add_config_arguments(parser)
     args = parser.parse_args(argv)
     config = config_from_args(args)
+    stdin, out = binary_stdin(), text_stdout()  # closed ones are refused before the model loads
     gen = open_generator(args, config)
-    interactive = sys.stdin.isatty()
-    out = text_stdout()
-    repl = Repl(gen, interactive, out=out, info=out if interactive else sys.stderr, model_name=str(args.model))
-    return repl.run_interactive() if interactive else repl.run_lines(sys.stdin.buffer)
+    interactive = stdin.isatty()
+    # Pipe mode: command replies to stderr (shown safely if that is a terminal), or nowhere if it is closed.
+    info = out if interactive else terminal_text(sys.stderr) if sys.stderr is not None else io.StringIO()
+    repl = Repl(gen, interactive, out=out, info=info, model_name=str(args.model))
+    return repl.run_interactive() if interactive else repl.run_lines(stdin)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from bytelm.checkpoint import save_checkpoint
+from bytelm.cli.generate import demo_main, main
 from bytelm.config import DOC_SEPARATOR, ModelConfig
 from bytelm.errors import BytelmError, run_cli
-from bytelm.generation import ByteLevelGenerator, InferenceConfig, decode_stream, demo_main, main
+from bytelm.generation import ByteLevelGenerator, InferenceConfig, decode_stream
 from bytelm.model import ByteLM, KVCache
 from bytelm.native import library as native_library
 

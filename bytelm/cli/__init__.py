@@ -2,7 +2,7 @@
 
     bytelm train ...          train a model            (bytelm.cli.train)
     bytelm chat MODEL         interactive prompt       (bytelm.repl)
-    bytelm generate MODEL     one generation to stdout (bytelm.generation)
+    bytelm generate MODEL     one generation to stdout (bytelm.cli.generate)
     bytelm info MODEL         describe a checkpoint    (bytelm.cli.info)
     bytelm score MODEL FILE   bits per byte, per byte  (bytelm.cli.score, bytelm.score)
 
@@ -22,10 +22,8 @@ from ..errors import run_cli
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("bytelm.cli.train", "train a byte-level model (same as python train.py)"),
     "chat": ("bytelm.repl", "interactive prompt for a trained model (same as python inference.py MODEL)"),
-    "generate": ("bytelm.generation", "print one generation for a prompt"),
+    "generate": ("bytelm.cli.generate", "print one generation for a prompt"),
     "info": ("bytelm.cli.info", "print a checkpoint's config, parameter count, step and metrics"),
-    "env": ("bytelm.cli.env", "print versions, device, dtype, C library and cache (for a bug report)"),
-    "serve": ("bytelm.cli.serve", "HTTP API (OpenAI-compatible) and a web page that colours every byte"),
     "env": ("bytelm.cli.env", "print versions, device, dtype, C library and cache (for a bug report)"),
     "serve": ("bytelm.cli.serve", "HTTP API (OpenAI-compatible) and a web page that colours every byte"),
     "score": ("bytelm.cli.score", "bits per byte of files under a model; per-byte surprisal, entropy patches"),
