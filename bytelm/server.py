@@ -107,9 +107,11 @@ def _load(source) -> torch.nn.Module:
 
 
 def create_app(model: str | os.PathLike | torch.nn.Module | Callable[[], torch.nn.Module],
-               settings: ServeSettings | None = None, name: str | None = None) -> FastAPI:
+               settings: ServeSettings | None = None, name: str | None = None,
+               decode_step: str = "auto") -> FastAPI:
     """The app. `model`: a checkpoint path, a ByteLM, or a function returning one; anything but a module is
-    loaded in a thread at startup, and /health answers 503 until it is ready."""
+    loaded in a thread at startup, and /health answers 503 until it is ready. decode_step: as
+    ByteLevelGenerator's ("exact" for the fp32 C step)."""
     settings = settings or ServeSettings()
     settings.validate()
     if name is None:
@@ -124,8 +126,8 @@ def create_app(model: str | os.PathLike | torch.nn.Module | Callable[[], torch.n
             state.load_error = f"the model could not be loaded: {detail}"
             return
         engine = Engine(module, max_active=settings.max_active, max_queue=settings.max_queue,
-                        workers=settings.workers)
-        engine.start()
+                        workers=settings.workers, decode_step=decode_step)
+        await asyncio.to_thread(engine.start)
         state.model, state.engine = module, engine
 
     @asynccontextmanager
@@ -234,21 +236,28 @@ def _final_fields(event: Finished) -> dict:
 
 
 async def _stream(handle: Generation, meta: dict, with_logprobs: bool):
-    """Server-sent events: one completion chunk per piece of text, a last chunk with finish_reason, usage and
-    timings, then `data: [DONE]`. When the client goes away Starlette cancels this generator, and the
-    `finally` drops the generation before its next byte."""
+    """Server-sent events: completion chunks of whole characters, a last chunk with finish_reason, usage and
+    timings, then `data: [DONE]`. Pieces that queued up while the client was being served go out as one chunk,
+    so a busy server writes fewer, larger events instead of falling further behind. When the client goes
+    away Starlette cancels this generator, and the `finally` drops the generation before its next byte."""
     try:
-        async for event in handle.events():
-            if isinstance(event, Piece):
-                choice = {"index": 0, "text": event.text, "finish_reason": None,
-                          "logprobs": logprobs_json(event.infos) if with_logprobs else None}
+        while True:
+            events = [await handle.next_event()] + handle.ready_events()
+            pieces = [e for e in events if isinstance(e, Piece)]
+            if pieces:
+                piece = Piece.join(pieces)
+                choice = {"index": 0, "text": piece.text, "finish_reason": None,
+                          "logprobs": logprobs_json(piece.infos) if with_logprobs else None}
                 yield _sse_event({**meta, "choices": [choice]})
-            elif isinstance(event, Finished):
-                choice = {"index": 0, "text": "", "logprobs": None, "finish_reason": event.reason}
-                yield _sse_event({**meta, "choices": [choice], **_final_fields(event)})
-            else:
-                yield _sse_event({"error": {"message": event.message, "type": "server_error", "param": None,
+            end = events[-1]
+            if isinstance(end, Finished):
+                choice = {"index": 0, "text": "", "logprobs": None, "finish_reason": end.reason}
+                yield _sse_event({**meta, "choices": [choice], **_final_fields(end)})
+            elif isinstance(end, Failed):
+                yield _sse_event({"error": {"message": end.message, "type": "server_error", "param": None,
                                             "code": 500}})
+            if not isinstance(end, Piece):
+                break
         yield b"data: [DONE]\n\n"
     finally:
         handle.cancel()
