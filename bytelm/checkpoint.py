@@ -5,7 +5,7 @@ File layout (a torch.save'd dict, loaded with weights_only=True so no pickled ob
     version        FORMAT_VERSION       bumped whenever the layout changes; newer files are refused
     model_config   ModelConfig as dict  enough to rebuild the model with no other file
     model          state_dict           weights of the uncompiled, unwrapped module
-    train_state    dict or absent       optimizer, step, RNG, data position, metrics (see bytelm.training)
+    train_state    dict or absent       optimizer, step, RNG, data position, metrics (see bytelm.resume)
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Model configuration: one typed dataclass, validated, serialisable to a plain dict for checkpoints.
 
-Training configuration lives in `bytelm.training` next to the loop that reads it.
+Training settings live in `bytelm.train_config` (TrainConfig and its presets).
 """
 from __future__ import annotations
 
