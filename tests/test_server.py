@@ -429,21 +429,18 @@ def test_text_assembler_sends_whole_characters_and_holds_back_stop_prefixes():
     assert b.finish().text == "\ufffd"  # an unfinished character at the end is U+FFFD
 
 
-def test_engine_rows_decode_as_bytelm_generate_while_interleaved():
+@pytest.mark.parametrize("workers", [1, 2])
+def test_engine_rows_decode_as_bytelm_generate_while_interleaved(workers):
     model = tiny_model()
 
     async def run():
-        engine = Engine(model, max_active=3, max_queue=10)
+        engine = Engine(model, max_active=3, max_queue=10, workers=workers)
         engine.start()
         loop = asyncio.get_running_loop()
         handles = [engine.submit(GenerationRequest(b"ab" * s, InferenceConfig(
             max_new_bytes=90 + 7 * s, seed=s, repetition_penalty=1.3, stop_at_separator=False)), loop)
             for s in range(5)]
-        texts = []
-        for h in handles:
-            texts.append(b"".join([]))
-            parts = [e.text async for e in h.events() if isinstance(e, Piece)]
-            texts[-1] = "".join(parts)
+        texts = ["".join([e.text async for e in h.events() if isinstance(e, Piece)]) for h in handles]
         engine.stop()
         return texts
 
