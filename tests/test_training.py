@@ -486,7 +486,7 @@ def test_force_never_removes_a_file_bytelm_did_not_write(tmp_path, corpus_file, 
 
 # --- flags out of range: one line, a non-zero exit, nothing allocated ------------------------------------------
 
-@pytest.mark.parametrize("flag, value, expected", [
+OUT_OF_RANGE = [
     ("--threads", "100000", "threads must be at most 1,024"),
     ("--threads", "-1", "threads must not be negative"),
     ("--seed", "-1", "seed must be a whole number from 0 to 2**64-1"),
@@ -497,24 +497,38 @@ def test_force_never_removes_a_file_bytelm_did_not_write(tmp_path, corpus_file, 
     ("--device", "xla", "device must be auto, cpu, cuda or cuda:N"),
     ("--device", "cuda:7", "cuda:7"),
     ("--device", "mps", "mps"),
-    ("--batch-size", "1000000000", "batch-size 1000000000 x seq-len 64 would need about"),
-    ("--n-layer", "256", "the model's shape (n-layer 256, n-embd 16384) would need about"),
-])
-def test_out_of_range_flags_are_one_line_and_a_non_zero_exit(tmp_path, corpus_file, flag, value, expected):
+]
+
+
+@pytest.mark.parametrize("flag, value, expected", OUT_OF_RANGE)
+def test_out_of_range_flags_are_one_line_and_a_non_zero_exit(tmp_path, corpus_file, capsys, flag, value, expected):
     if flag == "--device" and value == "mps" and torch.backends.mps.is_available():
         pytest.skip("this machine has mps")
     if flag == "--device" and value.startswith("cuda") and torch.cuda.device_count() > 7:
         pytest.skip("this machine has 8 GPUs")
-    extra = ["--n-embd", "16384", "--n-head", "64"] if flag == "--n-layer" else []
+    rc = run_cli(main, ["--preset", "tiny", "--data", str(corpus_file), "--out", str(tmp_path / "m.pt"),
+                        "--cache-dir", str(tmp_path / "cache"), flag, value])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.startswith("error: ") and err.count("\n") == 1 and expected in err, err
+    assert not (tmp_path / "m.pt").exists()
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--batch-size", "1000000000"], "batch-size 1000000000 x seq-len 64 would need about"),
+    (["--n-layer", "256", "--n-embd", "16384", "--n-head", "64"],
+     "the model's shape (n-layer 256, n-embd 16384) would need about"),
+])
+def test_settings_too_big_for_memory_are_refused_before_allocating(tmp_path, corpus_file, flags, expected):
     argv = [str(ROOT / "train.py"), "--preset", "tiny", "--data", str(corpus_file), "--out", str(tmp_path / "m.pt"),
-            "--cache-dir", str(tmp_path / "cache"), *extra, flag, value]
-    # 2 GB of address space: far below what the flag asks for, so allocating before the check would fail loudly
+            "--cache-dir", str(tmp_path / "cache"), *flags]
+    # 2 GB of address space, far below what the flags ask for: allocating before the check would fail loudly
     limit = "import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30)); " \
             "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
     r = subprocess.run([sys.executable, "-c", limit, *argv], cwd=tmp_path, env=env_one_thread(),
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode not in (0, -9) and "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and expected in r.stderr, r.stderr
+    assert "of memory for one training step, more than the" in r.stderr
     assert not (tmp_path / "m.pt").exists()
 
 
