@@ -10,7 +10,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import causal_attention, kernel_ready
 from .config import ModelConfig
 from .device import require_memory
 
@@ -96,9 +95,9 @@ class CausalSelfAttention(nn.Module):
             if cache is not None:  # prefill: store, then attend causally within the new block
                 cache.k[layer, :, :, :T] = qk[:, :, 1].transpose(1, 2)
                 cache.v[layer, :, :, :T] = v.transpose(1, 2)
-            # (B, T, H, D) views read in place: the C kernel where it applies, else torch's (bytelm.attention)
-            y = causal_attention(qk[:, :, 0], qk[:, :, 1], v).reshape(B, T, C)
-            return self.proj(y)
+            y = F.scaled_dot_product_attention(qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2),
+                                               v.transpose(1, 2), is_causal=True)  # (B, H, T, D)
+            return self.proj(y.transpose(1, 2).reshape(B, T, C))
         q, k = qk.transpose(1, 3).unbind(2)  # each (B, H, T, D)
         v = v.transpose(1, 2)  # (B, H, T, D)
         # Later chunks with the KV cache: every cached position plus the new ones
@@ -199,7 +198,6 @@ class ByteLM(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
-        kernel_ready()  # whether attention can take the C kernel: settled here, outside any compiled code
         for block in self.blocks:  # residual projections scaled down with depth (GPT-2)
             for proj in (block.attn.proj, block.mlp.proj):
                 nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * config.n_layer))

@@ -1,11 +1,10 @@
-/* Attention building blocks in AVX2 registers: one query over rows of keys and values (attend_row, the decode
- * step's, bytelm/csrc/decode_step.c), and the dot products, maxima, exponentials and weighted sums of rows that
- * the training kernel (bytelm/csrc/attention.c) uses as well.
+/* Attention of one query over rows of keys and values in AVX2 registers (attend_row, for the decode step in
+ * bytelm/csrc/decode_step.c), and the dot products, maxima, exponentials and weighted sums of rows it is made of.
  *
- * Rows are D floats (D a multiple of 8) `rs` floats apart, so one head of a (B, T, H, D) tensor is read in
- * place. Per row, a plain loop reduces a dot product of D across vector lanes on its own and keeps its output
- * in memory, about 100 cycles per head and position for D = 24; here eight rows' dot products are reduced
- * together and the output's columns stay in registers, 32 at a time, for one pass over the rows. */
+ * Rows are D floats (D a multiple of 8) `rs` floats apart. Per row, a plain loop reduces a dot product of D
+ * across vector lanes on its own and keeps its output in memory, about 100 cycles per head and position for
+ * D = 24; here eight rows' dot products are reduced together and the output's columns stay in registers, 32 at
+ * a time, for one pass over the rows. */
 #ifndef BYTELM_ATTEND_H
 #define BYTELM_ATTEND_H
 #include <math.h>
@@ -100,10 +99,6 @@ static inline float exp_shifted(float *s, int n, float shift) {
     return total;
 }
 
-static inline __m256 first_lanes(int count) {  /* a mask of lanes 0 .. count - 1 (count <= 0: none) */
-    return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(count), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
-}
-
 /* max_j s[j], j < n (n >= 1), eight at a time: a scalar compare-and-select chain took ~4 cycles per element */
 static inline float max_of(const float *s, int n) {
     __m256 top = _mm256_set1_ps(-INFINITY);
@@ -115,20 +110,6 @@ static inline float max_of(const float *s, int n) {
     for (int u = 0; u < 8; u++) best = lanes[u] > best ? lanes[u] : best;
     for (; j < n; j++) best = s[j] > best ? s[j] : best;
     return best;
-}
-
-/* s[j] = e^(s[j] - shift) for j < n, and 0 for n <= j < width (a multiple of 8), where shift >= s[j] for j < n;
- * returns the sum. Whole vectors throughout: lanes past n are computed and then cleared. */
-static inline float exp_masked(float *s, int n, int width, float shift) {
-    const __m256 shift8 = _mm256_set1_ps(shift);
-    __m256 total8 = _mm256_setzero_ps();
-    for (int j = 0; j < width; j += 8) {
-        const __m256 e = _mm256_and_ps(exp_nonpositive8(_mm256_sub_ps(_mm256_loadu_ps(s + j), shift8)),
-                                       first_lanes(n - j));
-        _mm256_storeu_ps(s + j, e);
-        total8 = _mm256_add_ps(total8, e);
-    }
-    return sum8(total8);
 }
 
 /* y[0 : 8 nv] = scale * sum_j w[j] rows[j][0 : 8 nv], nv (1-4) a constant after inlining: y in registers.
@@ -168,15 +149,13 @@ static inline void weighted_rows(const float *restrict w, const float *rows, siz
     }
 }
 
-/* y (D) = softmax(scale * q . k_j) . v_j over j < n; att (n) is scratch. Returns the log of the softmax's
- * normaliser, log sum_j e^(scale q . k_j), which the backward pass uses to recompute the weights. y may alias q. */
-static inline float attend_row(const float *q, const float *k, size_t ks, const float *v, size_t vs, int n, int D,
-                               float scale, float *restrict att, float *y) {
+/* y (D) = softmax(scale * q . k_j) . v_j over j < n; att (n) is scratch. y may alias q. */
+static inline void attend_row(const float *q, const float *k, size_t ks, const float *v, size_t vs, int n, int D,
+                              float scale, float *restrict att, float *y) {
     dots(q, k, ks, n, D, scale, att);
     const float top = max_of(att, n);
     const float total = exp_shifted(att, n, top);
     weighted_rows(att, v, vs, n, D, 1.0f / total, y);
-    return top + logf(total);
 }
 #else
 #define BYTELM_AVX2 0
