@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import os
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -168,7 +169,11 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"checkpoint path is a folder, not a file: {path}")
     _check_archive(path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        # torch warns about what it meets in odd files (sparse CSR layouts, unusual pickle protocols): the
+        # checks below refuse such files with one line of their own, so its warnings would be noise.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "GLOBAL" in str(e) or "REDUCE" in str(e) or "BUILD" in str(e):
             raise CheckpointError(f"refusing to load {path}: it contains Python objects other than tensors "

@@ -105,9 +105,9 @@ class FastDecoder:
         """byte: an int, or a 0-dim or 1-element int64 tensor. Returns logits (256,) in the weights' dtype.
         copy=False may return a buffer the next step overwrites (the generator reads it at once)."""
         pos = cache.pos
-        if not 0 <= pos < self.block_size or cache.k.size(1) != 1:
+        if not 0 <= pos < min(self.block_size, cache.k.size(3)) or cache.k.size(1) != 1:
             raise ValueError(f"FastDecoder.step needs a batch-1 cache with room (pos {pos}, "
-                             f"context {self.block_size})")
+                             f"context {self.block_size}, cache {cache.k.size(3)})")
         byte = int(byte)
         if not 0 <= byte < self.embed.size(0):  # checked here too: ctypes would wrap a huge int silently
             raise ValueError(f"FastDecoder.step: byte {byte} is outside 0..{self.embed.size(0) - 1}")
