@@ -114,7 +114,7 @@ def test_random_bytes_file(tmp_path):
 
 def test_any_random_bytes_file_is_one_clear_error(tmp_path):
     """Garbage read as a legacy pickle meets the weights-only unpickler, which can fail with IndexError or
-    KeyError (about 7% of random 4 KiB files did before these were caught, 2026-12-01): always CheckpointError."""
+    KeyError (about 7% of random 4 KiB files did before these were caught): always CheckpointError."""
     path = tmp_path / "m.pt"
     rng = random.Random(0)
     for _ in range(300):

@@ -254,9 +254,9 @@ def test_invalid_utf8_typed_at_a_strict_terminal_prompt_is_a_prompt_not_a_crash(
         t.expect(b"> ")
         t.send(b"/temp \xff\n")
         t.expect(b"stays 0.8")
-        # Leave with an Enter and /quit, not Ctrl-D: readline may still hold a byte of the invalid input (seen once in
-        # CI, 12-02: the lone \xc3 of the first line turned up in the /temp line, and the \xff after it stayed
-        # behind), and Ctrl-D on a line that is not empty deletes a character instead of ending the input.
+        # Leave with an Enter and /quit, not Ctrl-D: readline may still hold a byte of the invalid input (the lone
+        # \xc3 of the first line has turned up in the /temp line, and the \xff after it stayed behind), and
+        # Ctrl-D on a line that is not empty deletes a character instead of ending the input.
         t.send(b"\n/quit\n")
         assert t.wait() == 0
     finally:
