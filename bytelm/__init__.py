@@ -3,6 +3,7 @@
     from bytelm import ByteLM, ModelConfig, load_model, save_checkpoint
     from bytelm import ByteLevelGenerator, InferenceConfig      # generation
     from bytelm import score_bytes, entropy_patches             # per-byte surprisal (bytelm.score)
+    from bytelm import compress_bytes, decompress_bytes         # lossless, with a model (bytelm.compress)
 """
 from .checkpoint import DEFAULT_PATH, load_model, save_checkpoint
 from .config import ModelConfig
@@ -18,6 +19,8 @@ _LAZY = {
     "score_bytes": "bytelm.score",
     "ByteScores": "bytelm.score",
     "entropy_patches": "bytelm.score",
+    "compress_bytes": "bytelm.compress",
+    "decompress_bytes": "bytelm.compress",
 }
 
 
@@ -30,4 +33,5 @@ def __getattr__(name: str):
 
 __all__ = ["ByteLM", "KVCache", "ModelConfig", "load_model", "save_checkpoint", "DEFAULT_PATH",
            "BytelmError", "CheckpointError", "DataError", "ByteLevelGenerator", "InferenceConfig", "__version__",
-           "score_bytes", "ByteScores", "entropy_patches"]
+           "score_bytes", "ByteScores", "entropy_patches", "compress_bytes",
+           "decompress_bytes"]

@@ -27,6 +27,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "env": ("bytelm.cli.env", "print versions, device, dtype, C library and cache (for a bug report)"),
     "serve": ("bytelm.cli.serve", "HTTP API (OpenAI-compatible) and a web page that colours every byte"),
     "score": ("bytelm.cli.score", "bits per byte of files under a model; per-byte surprisal, entropy patches"),
+    "compress": ("bytelm.cli.compress", "compress a file losslessly with a model (gzip-style: IN -> IN.blz)"),
+    "decompress": ("bytelm.cli.compress", "decompress a .blz file with the model that compressed it"),
 }
 
 

@@ -44,16 +44,19 @@ def read_input(name: str) -> bytes:
 
 def add_thread_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0, metavar="N",
-                        help="CPU threads for torch (default 0: all cores)")
+                        help="CPU threads for torch (default 0: every core that other processes leave free, "
+                        "all of them on an idle machine)")
 
 
 def set_threads(n: int) -> None:
-    import os
-
+    """--threads: n, or for 0 the cores other processes leave free (bytelm.distributed.auto_threads: a thread
+    sharing a busy core stalls every other thread at each parallel region)."""
     import torch
+
+    from ..distributed import auto_threads
     if n < 0:
-        raise BytelmError(f"--threads must be 0 (all cores) or more, got {n}")
-    torch.set_num_threads(n or os.cpu_count() or 1)
+        raise BytelmError(f"--threads must be 0 (automatic) or more, got {n}")
+    torch.set_num_threads(n or auto_threads())
 
 
 def _patch_starts(scores, args) -> np.ndarray | None:
