@@ -254,6 +254,29 @@ class ByteLevelGenerator:
         require_memory(need, self.device)
         return KVCache(model.config, 1, max_len, p.device, p.dtype)
 
+    def _seeded_generator(self, config: InferenceConfig) -> torch.Generator:
+        """The generator, seeded for a sampled generation (config.seed, or fresh); greedy draws nothing."""
+        gen = self._generator
+        if config.temperature != 0:
+            if config.seed is None:
+                gen.seed()
+            else:
+                gen.manual_seed(config.seed)
+            self.last_seed = gen.initial_seed()
+        return gen
+
+    def _steps(self, config: InferenceConfig) -> tuple[FastDecoder | None, CSampler | None, str]:
+        """(one-byte step or None for ByteLM.forward, C sampler or None for sample_next, the step's name).
+        The step is built per generation (a few ms): it copies the weights, so it must never outlive a change
+        to them. Where the C step runs (fp32 logits on the CPU) the C sampler chooses: the same filters and
+        draw as sample_next."""
+        if self.decode_step == "reference":
+            return None, None, "reference"
+        fast = FastDecoder(self.model, native=self.decode_step in ("auto", "exact"), half=self.decode_step == "auto")
+        if not fast.native:
+            return fast, None, "torch"
+        return fast, CSampler.create(config), "C, fp16 weights" if fast.half else "C"
+
     def _decode(self, context: bytes, config: InferenceConfig, trace) -> Iterator[int]:
         model, bs, dev = self.model, self.block_size, self.device
         keep = max(1, min(bs - 1, int(bs * self.slide_keep_fraction)))  # bytes kept when the window slides
@@ -262,13 +285,7 @@ class ByteLevelGenerator:
             window = 0
         stop = DOC_SEPARATOR if config.stop_at_separator else -1
         limit = config.max_new_bytes
-        gen = self._generator
-        if config.temperature != 0:
-            if config.seed is None:
-                gen.seed()
-            else:
-                gen.manual_seed(config.seed)
-            self.last_seed = gen.initial_seed()
+        gen = self._seeded_generator(config)
 
         # hist holds the bytes the cache represents (hist[start:n]) plus history for the penalty window, on the
         # host: twice the context, compacted when full, so memory is constant for any length. hist_t is a
@@ -283,15 +300,9 @@ class ByteLevelGenerator:
         # One cache per generation, so interleaved streams never share state; as long as this generation can
         # use (the prompt, then every byte but the last fed back), at most the context.
         cache = self._new_cache(min(bs, n + limit))
-        # Built per generation (a few ms): it copies the weights, so it must never outlive a change to them.
-        fast = None if self.decode_step == "reference" else FastDecoder(
-            model, native=self.decode_step in ("auto", "exact"), half=self.decode_step == "auto")
-        # Where the C step runs (fp32 logits on the CPU), the C sampler chooses: the same filters and draw.
-        sampler = CSampler.create(config) if fast is not None and fast.native else None
+        fast, sampler, step_name = self._steps(config)
         stats = self.last_stats = {"prompt_bytes": n, "new_bytes": 0, "seconds": 0.0, "bytes_per_s": 0.0,
-                                   "slides": 0, "stopped_by": "length",
-                                   "step": "reference" if fast is None else "torch" if not fast.native
-                                   else "C, fp16 weights" if fast.half else "C"}
+                                   "slides": 0, "stopped_by": "length", "step": step_name}
 
         def window_input(lo: int, hi: int) -> torch.Tensor:  # (1, hi - lo) int64 on the model's device
             return hist_t[lo:hi].to(device=dev, dtype=torch.long).view(1, hi - lo)
