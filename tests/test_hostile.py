@@ -15,14 +15,18 @@ import signal
 import subprocess
 import sys
 import time
+import unicodedata
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bytelm.checkpoint import FORMAT_VERSION, save_checkpoint
 from bytelm.cli.generate import main as generate_main
+from bytelm.cli.terminal import visible
 from bytelm.config import ModelConfig
 from bytelm.errors import BytelmError, run_cli
 from bytelm.generation import DECODE_STEPS, ByteLevelGenerator, InferenceConfig
@@ -225,8 +229,8 @@ def test_torch_and_c_steps_agree_on_extreme_weights(name_part, scale):
     draw used to return byte 256 from NaN scores (an IndexError)."""
     model = scaled(name_part, scale)
     steps = DECODE_STEPS if library() is not None else ("torch", "reference")
-    for settings in (dict(temperature=0), dict(seed=1)):
-        got = {step: outcome(model, step, **settings) for step in steps}
+    for sampling in (dict(temperature=0), dict(seed=1)):
+        got = {step: outcome(model, step, **sampling) for step in steps}
         fp32 = {step: v for step, v in got.items() if step != "auto"}
         assert len(set(fp32.values())) == 1, got
         if "auto" in got:
@@ -416,3 +420,16 @@ def test_the_interactive_prompt_shows_generated_escapes_visibly(escaping_checkpo
             os._exit(127)
     seen = read_terminal(fd, pid, send=b"p\n/quit\n", after=b"Ctrl-D or /quit leaves.")
     assert "wned^G^[]0;pwned^G" in seen and "\x1b]0;" not in seen, repr(seen)
+
+
+def _is_control(c: str) -> bool:
+    return unicodedata.category(c) == "Cc" and c not in "\n\t"
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.text())
+def test_visible_text_keeps_no_control_character_but_newline_and_tab(text):
+    shown = visible(text)
+    assert not any(_is_control(c) for c in shown)
+    if not any(_is_control(c) for c in text):
+        assert shown == text  # text without controls is shown exactly
