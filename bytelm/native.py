@@ -210,7 +210,8 @@ def library() -> ctypes.CDLL | None:
         return None
     try:
         _lib = _load(compiler)
-    except (OSError, subprocess.SubprocessError, AttributeError, ImportError) as e:
+    # RuntimeError: Path.home() with no home folder to put the cache in
+    except (OSError, subprocess.SubprocessError, AttributeError, ImportError, RuntimeError) as e:
         detail = (getattr(e, "stderr", b"") or b"").decode(errors="replace").strip()
         reason = detail.splitlines()[0] if detail else str(e)
         _unavailable("unavailable", f"the C library is unavailable ({type(e).__name__}: {reason}); "
