@@ -95,8 +95,9 @@ def step_rows(segments: int) -> int:
 
 def _check_model(model: ByteLM) -> None:
     p = next(model.parameters())
-    if p.dtype != torch.float32:
-        raise BytelmError(f"compression runs the model in float32; this one holds {p.dtype}")
+    if p.dtype != torch.float32 or p.device.type != "cpu":
+        raise BytelmError(f"compression runs the model in float32 on the CPU (the arithmetic the guarantees are "
+                          f"about); this one is {p.dtype} on {p.device}")
 
 
 def _code_group(step: BatchStep, lengths: list[int], code: Callable[[np.ndarray, int], np.ndarray],
