@@ -31,6 +31,7 @@ from .config import DOC_SEPARATOR
 from .container import ContainerError, Header, pack, unpack
 from .errors import BytelmError
 from .model import ByteLM
+from .score import progress_callback
 
 PRECISION = 24  # constriction's range coder works with 24-bit probabilities (its default preset)
 _TOTAL = 1 << PRECISION
@@ -124,22 +125,6 @@ def _code_group(step: BatchStep, lengths: list[int], code: Callable[[np.ndarray,
     return rows
 
 
-def _progress(progress, total: int, label: str):
-    """(update(k), close()) for progress=None/False (silent), True (tqdm on large inputs), or callable(done, total)."""
-    if callable(progress):
-        done = [0]
-
-        def update(k: int) -> None:
-            done[0] += k
-            progress(done[0], total)
-        return update, lambda: None
-    if progress and total >= 1 << 16:
-        from tqdm import tqdm
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc=label, leave=False)
-        return bar.update, bar.close
-    return (lambda k: None), (lambda: None)
-
-
 def plan_batch(model: ByteLM, segments: int, batch_size: int | None = None) -> int:
     """Segments per group: what ENCODE_CACHE_BUDGET allows (or batch_size), spread evenly over the groups."""
     if batch_size is None:
@@ -169,7 +154,7 @@ def compress_bytes(model: ByteLM, data: bytes, *, segment_len: int | None = None
     array = np.frombuffer(data, np.uint8)
     family = constriction.stream.model.Categorical(perfect=False)
     streams = []
-    update, close = _progress(progress, len(data), "compressing")
+    update, close = progress_callback(progress, len(data), "compressing")
     try:
         step = None
         for g in range(header.groups):
@@ -233,7 +218,7 @@ def decompress_into(model: ByteLM, blob: bytes, write: Callable[[bytes], object]
     family = constriction.stream.model.Categorical(perfect=False)
     words = np.frombuffer(payload, dtype="<u4")
     digest, produced, offset = hashlib.sha256(), 0, 0
-    update, close = _progress(progress, header.length, "decompressing")
+    update, close = progress_callback(progress, header.length, "decompressing")
     try:
         step = None
         for g in range(header.groups):
@@ -246,12 +231,16 @@ def decompress_into(model: ByteLM, blob: bytes, write: Callable[[bytes], object]
                 step = BatchStep(model, step_rows(count))
             decoder = constriction.stream.queue.RangeDecoder(stream)
 
-            def decode(pmf: np.ndarray, t: int) -> np.ndarray:
-                return decoder.decode(family, pmf)
-            try:
-                rows = _code_group(step, lengths, decode, update)
-            except (ValueError, RuntimeError, AssertionError) as e:  # constriction's answer to invalid data
-                raise ContainerError(f"damaged: group {g} does not decode ({e})") from None
+            def decode(pmf: np.ndarray, t: int, g: int = g) -> np.ndarray:
+                try:
+                    return decoder.decode(family, pmf)
+                except BaseException as e:  # noqa: BLE001 - constriction's answers to invalid data, a Rust
+                    # panic (pyo3's PanicException derives from BaseException) included; nothing else runs here
+                    if isinstance(e, Exception) or type(e).__name__ == "PanicException":
+                        why = str(e).splitlines()[0][:100] if str(e) else type(e).__name__
+                        raise ContainerError(f"damaged: group {g} does not decode ({why})") from None
+                    raise
+            rows = _code_group(step, lengths, decode, update)
             if not decoder.maybe_exhausted():
                 raise ContainerError(f"damaged: group {g}'s stream holds more data than it decodes")
             chunk = b"".join(rows[r, :n].tobytes() for r, n in enumerate(lengths))

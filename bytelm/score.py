@@ -88,9 +88,9 @@ def _empty_scores(top_k: int) -> ByteScores:
                       np.zeros((0, top_k), np.uint8), np.zeros((0, top_k), np.float32))
 
 
-def _progress_callback(progress, total: int):
-    """progress: None/False (silent), True (a tqdm bar on stderr, for inputs of 64 KiB or more) or a
-    callable(bytes_done, total). Returns (update(n_new), close())."""
+def progress_callback(progress, total: int, label: str = "scoring"):
+    """progress: None/False (silent), True (a tqdm bar on stderr when it is a terminal, for inputs of 64 KiB or
+    more) or a callable(bytes_done, total). Returns (update(n_new), close())."""
     if callable(progress):
         done = [0]
 
@@ -100,7 +100,7 @@ def _progress_callback(progress, total: int):
         return update, lambda: None
     if progress and total >= _PROGRESS_MIN_BYTES:
         from tqdm import tqdm
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc="scoring", leave=False)
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=label, leave=False, disable=None)
         return bar.update, bar.close
     return (lambda k: None), (lambda: None)
 
@@ -138,7 +138,7 @@ def score_bytes(model: ByteLM, data: bytes, *, stride: int | None = None, top_k:
                      np.empty((n, top_k), np.uint8), np.empty((n, top_k), np.float32))
     plan = window_plan(n, context, stride)
     width = min(context, n)
-    update, close = _progress_callback(progress, n)
+    update, close = progress_callback(progress, n)
     was_training = model.training
     model.eval()
     try:

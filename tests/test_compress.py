@@ -95,7 +95,7 @@ def test_same_input_gives_identical_output(model):
 
 
 def test_one_and_two_threads_give_identical_files_and_bytes(model):
-    data = random_bytes(3000, seed=3)
+    data = random_bytes(1500, seed=3)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -223,6 +223,27 @@ def test_checksum_failure_publishes_nothing(model):
     wrong = repack(compress_bytes(model, data), sha256="0" * 64)
     with pytest.raises(ContainerError, match="SHA-256"):
         decompress_bytes(model, wrong)
+
+
+def test_crafted_payloads_with_valid_crcs_are_refused(model):
+    """Garbage that passes both CRCs reaches the range decoder: it must end in one ContainerError (a stream that
+    does not decode, or decodes to bytes that fail the SHA-256), never another exception or wrong bytes."""
+    data = TEXT[:600]
+    blob = compress_bytes(model, data, segment_len=32)
+    header_len = struct.unpack_from("<I", blob, 10)[0]
+    head, payload = blob[:14 + header_len], blob[14 + header_len + 8:]
+    rng = np.random.default_rng(0)
+    for i in range(60):
+        if i % 3 == 0:
+            body = rng.integers(0, 256, len(payload), dtype=np.uint8).tobytes()
+        elif i % 3 == 1:
+            body = bytearray(payload)
+            body[rng.integers(0, len(body))] ^= 1 << int(rng.integers(0, 8))
+            body = bytes(body)
+        else:
+            body = bytes(len(payload)) if i % 2 else b"\xff" * len(payload)
+        with pytest.raises(ContainerError, match="damaged|SHA-256"):
+            decompress_bytes(model, head + struct.pack("<II", zlib.crc32(head), zlib.crc32(body)) + body)
 
 
 def test_refuses_another_encoder_setup_unless_asked(model):

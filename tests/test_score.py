@@ -40,7 +40,12 @@ def runs_model() -> ByteLM:
 
 @pytest.fixture(scope="module")
 def trained() -> ByteLM:
-    return runs_model()
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # a second thread mostly waits on a machine busy with other work
+    try:
+        return runs_model()
+    finally:
+        torch.set_num_threads(before)
 
 
 def reference_logp(model: ByteLM, inputs: list[int]) -> torch.Tensor:
