@@ -12,6 +12,7 @@ temporary file.
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
@@ -43,8 +44,19 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], mod
 
     Raises whatever write() or the filesystem raises (OSError for a full disk); the temporary file is removed
     first, and `path` is untouched. `mode` defaults to what open() would create.
+
+    A target that exists and is not a regular file (/dev/null, /dev/full, a named pipe, a terminal) is written
+    in place: there is no file to keep whole, and renaming over it would replace the device with a file.
     """
     path = Path(path)
+    try:
+        special = not stat.S_ISREG(path.stat().st_mode)
+    except FileNotFoundError:
+        special = False
+    if special:
+        with open(path, "wb") as f:
+            write(f)
+        return
     folder = path.parent if str(path.parent) else Path(".")
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
