@@ -118,7 +118,7 @@ def train_model(out: Path, quick: bool) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", type=Path, help="a checkpoint trained on tinyshakespeare's first 90% "
+    ap.add_argument("--model", type=Path, help="a checkpoint trained on tinyshakespeare's first 90%% "
                     "(default: train the cpu10 preset now, 10 minutes)")
     ap.add_argument("--quick", action="store_true", help="check this script: tiny preset, 8 KB, no docs write")
     ap.add_argument("--bytes", type=int, default=0, help="use only the first N held-out bytes (0: all)")

@@ -18,6 +18,7 @@ Anchor: nanoGPT's CPU recipe stretched to 10 minutes on the same machine kind, 2
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import tempfile
@@ -80,6 +81,8 @@ def main() -> None:
                     help="the training recipe (TrainConfig preset) to run (default: cpu10)")
     ap.add_argument("--seeds", help="comma-separated seeds: one whole run (and budget) each, then their mean. "
                                     "Runs of one recipe differ by about 0.01-0.02 bpb with the seed")
+    ap.add_argument("--save-model", type=Path, help="copy the first run's best checkpoint here (e.g. for "
+                    "bench/bench_compress.py --model, which trains the same recipe on the same split)")
     ap.add_argument("train_flags", nargs="*", help="TrainConfig overrides as key=value, e.g. n_layer=4")
     args = ap.parse_args()
     if not Path(args.data).exists():
@@ -102,6 +105,8 @@ def main() -> None:
         ap.error(f"--seeds takes comma-separated integers, not {args.seeds!r}")
     runs = [one_run(args.data, args.budget, args.preset, overrides if seed is None else {**overrides, "seed": seed})
             for seed in seeds]
+    if args.save_model:
+        shutil.copyfile(runs[0]["model_path"], args.save_model)
     cfg = runs[0]["cfg"]
     shape = (f"bytelm --preset {args.preset}: {cfg.n_layer}x{cfg.n_head}x{cfg.n_embd}" + (", value embeddings" if cfg.value_embeds else "")
              + f", batch {cfg.batch_size} x {cfg.seq_len}"
@@ -152,7 +157,7 @@ def one_run(data: str, budget: float, preset: str, overrides: dict) -> dict:
     return dict(cfg=cfg, params=model.num_params(), steps=summary["steps"], wall=wall,
                 bpb=bpb, bpb_sliding=bpb_sliding, best_step=summary["best_step"],
                 best_val_bpb=summary["best_val_bpb"], bytes_per_s=summary["bytes_per_s"],
-                train_bytes=len(corpus.train), val_bytes=len(corpus.val))
+                train_bytes=len(corpus.train), val_bytes=len(corpus.val), model_path=out)
 
 
 if __name__ == "__main__":
