@@ -22,7 +22,7 @@ import torch
 
 from .config import ModelConfig
 from .model import ByteLM, KVCache, weight_count
-from .native import DecodeStep, library as native_library
+from .native import DecodeRow, DecodeStep, library as native_library
 
 
 def _largest_magnitude(t: torch.Tensor) -> float:
@@ -78,6 +78,8 @@ class FastDecoder:
             lib = native_library()
             if lib is not None:
                 self._kernel = lib.bytelm_decode_step
+                self._rows_kernel, self._max_rows = lib.bytelm_decode_rows, lib.bytelm_decode_max_rows()
+                self._batch = None  # step_rows' buffers, grown to the largest batch seen
                 self._scratch = torch.empty(5 * cfg.n_embd + max(self.hidden, cfg.block_size))
                 self._logits = torch.empty(cfg.vocab_size)
                 matrices = [self.w_qkv, self.w_proj, self.w_fc, self.w_out, self.head]
@@ -104,13 +106,7 @@ class FastDecoder:
     def step(self, byte: torch.Tensor | int, cache: KVCache, copy: bool = True) -> torch.Tensor:
         """byte: an int, or a 0-dim or 1-element int64 tensor. Returns logits (256,) in the weights' dtype.
         copy=False may return a buffer the next step overwrites (the generator reads it at once)."""
-        pos = cache.pos
-        if not 0 <= pos < min(self.block_size, cache.k.size(3)) or cache.k.size(1) != 1:
-            raise ValueError(f"FastDecoder.step needs a batch-1 cache with room (pos {pos}, "
-                             f"context {self.block_size}, cache {cache.k.size(3)})")
-        byte = int(byte)
-        if not 0 <= byte < self.embed.size(0):  # checked here too: ctypes would wrap a huge int silently
-            raise ValueError(f"FastDecoder.step: byte {byte} is outside 0..{self.embed.size(0) - 1}")
+        byte, pos = self._check(byte, cache), cache.pos
         if self._kernel is not None and all(t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu"
                                             for t in (cache.k, cache.v)):
             return self._step_native(byte, cache, copy)
@@ -135,6 +131,69 @@ class FastDecoder:
         cache.pos = end
         h = x * torch.rsqrt(x.square().mean().add_(self.eps))
         return torch.mv(self.head, h)  # (V,)
+
+    def _check(self, byte: int, cache: KVCache) -> int:
+        """The byte as an int, if it and the cache's position fit (checked here too: ctypes would wrap a huge
+        int silently)."""
+        pos = cache.pos
+        if not 0 <= pos < min(self.block_size, cache.k.size(3)) or cache.k.size(1) != 1:
+            raise ValueError(f"FastDecoder.step needs a batch-1 cache with room (pos {pos}, "
+                             f"context {self.block_size}, cache {cache.k.size(3)})")
+        byte = int(byte)
+        if not 0 <= byte < self.embed.size(0):
+            raise ValueError(f"FastDecoder.step: byte {byte} is outside 0..{self.embed.size(0) - 1}")
+        return byte
+
+    def step_rows(self, bytes_: list[int], caches: list[KVCache]) -> torch.Tensor:
+        """One step for each of several sequences at once: feeds bytes_[i] into caches[i] at its own position
+        and advances it. Returns logits (n, V), a buffer the next step overwrites; row i is bitwise what
+        step(bytes_[i], caches[i]) returns. The C step reads each weight once for all rows (see
+        bytelm/csrc/matvec.h); without it, the rows are stepped one by one. A refused call (ValueError) advances
+        no cache: what it wrote lies past each cache's position, where the next step writes again."""
+        if len(bytes_) != len(caches) or not caches:
+            raise ValueError(f"FastDecoder.step_rows needs one byte per cache ({len(bytes_)} bytes, "
+                             f"{len(caches)} caches, at least 1)")
+        checked = [self._check(b, c) for b, c in zip(bytes_, caches)]
+        if len({id(c) for c in caches}) != len(caches):
+            raise ValueError("FastDecoder.step_rows: the same cache twice (each row needs its own)")
+        if self._kernel is None or not all(t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu"
+                                           for c in caches for t in (c.k, c.v)):
+            return torch.stack([self.step(b, c) for b, c in zip(checked, caches)])
+        if len(caches) == 1:  # the same kernel either way; the single step's arguments are already filled
+            return self._step_native(checked[0], caches[0], copy=False).view(1, -1)
+        rows, scratch, logits = self._batch_buffers(len(caches), max(c.k.size(3) for c in caches))
+        args, V = self._args, logits.size(1)
+        single_scratch = args.scratch, args.scratch_size
+        args.scratch, args.scratch_size = scratch.data_ptr(), scratch.numel()
+        try:
+            for start in range(0, len(caches), self._max_rows):  # the C step takes at most _max_rows at once
+                chunk = caches[start:start + self._max_rows]
+                for i, cache in enumerate(chunk):
+                    r = rows[i]
+                    r.byte, r.pos, r.max_len = checked[start + i], cache.pos, cache.k.size(3)
+                    r.k_cache, r.k_cache_size = cache.k.data_ptr(), cache.k.numel()
+                    r.v_cache, r.v_cache_size = cache.v.data_ptr(), cache.v.numel()
+                    r.logits, r.logits_size = logits.data_ptr() + (start + i) * V * 4, V  # row start + i, fp32
+                if self._rows_kernel(self._args_ref, rows, len(chunk)):
+                    raise ValueError(f"the C decode step refused a batch of {len(chunk)} rows: "
+                                     f"{args.error.decode(errors='replace')}")
+        finally:
+            args.scratch, args.scratch_size = single_scratch
+        for cache in caches:  # only now: a refused chunk leaves every cache where it was
+            cache.pos += 1
+        return logits[:len(caches)]
+
+    def _batch_buffers(self, n: int, max_len: int):
+        """DecodeRow array, scratch and logits (n, V) for step_rows, kept and grown as batches grow. Each row's
+        scratch is the single step's, rounded up to 64 bytes (see bytelm_decode_rows)."""
+        stride = -(-(5 * self.n_embd + max(self.hidden, max_len)) // 16) * 16
+        rows_cap = min(n, self._max_rows)
+        floats = rows_cap * stride
+        have = self._batch
+        if have is None or len(have[0]) < rows_cap or have[1].numel() < floats or have[2].size(0) < n:
+            have = self._batch = ((DecodeRow * rows_cap)(), torch.empty(floats, dtype=torch.float32),
+                                  torch.empty(n, self.embed.size(0), dtype=torch.float32))
+        return have
 
     def _step_native(self, byte: int, cache: KVCache, copy: bool) -> torch.Tensor:
         args = self._args

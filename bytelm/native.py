@@ -1,5 +1,6 @@
-"""The optional C library: the decode step (bytelm/csrc/decode_step.c) and the sampler (bytelm/csrc/sample.c),
-compiled on first use, cached, checked, and loaded with ctypes.
+"""The optional C library: the decode step (bytelm/csrc/decode_step.c: one row, or a batch of rows reading the
+weights once) and the sampler (bytelm/csrc/sample.c), compiled on first use, cached, checked, and loaded with
+ctypes.
 
     lib = library()     # the loaded ctypes.CDLL, or None (BYTELM_NATIVE=0, no C compiler, a failed build, ...)
     status()            # one line: "compiled: PATH", "loaded from cache: PATH", or why there is none
@@ -37,7 +38,7 @@ import tempfile
 from pathlib import Path
 
 SOURCES = [Path(__file__).with_name("csrc") / name for name in ("decode_step.c", "sample.c")]
-HEADERS = [Path(__file__).with_name("csrc") / "attend.h"]
+HEADERS = [Path(__file__).with_name("csrc") / name for name in ("attend.h", "matvec.h")]
 # -fopenmp-simd: the `omp simd` loops vectorise without linking an OpenMP runtime.
 _FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c11", "-fopenmp-simd"]
 _COMPILERS = ("gcc", "cc", "clang")
@@ -60,6 +61,14 @@ class DecodeStep(ctypes.Structure):
         for name, t in tensors.items():
             setattr(self, name, None if t is None else t.data_ptr())
             setattr(self, name + "_size", 0 if t is None else t.numel())
+
+
+class DecodeRow(ctypes.Structure):
+    """One row of bytelm_decode_rows (the DecodeRow struct of bytelm/csrc/decode_step.c): the byte to feed, its
+    position, and the row's own KV cache (max_len positions) and logits, each with its length in elements."""
+    _fields_ = ([(name, ctypes.c_int32) for name in ("byte", "pos", "max_len")]
+                + [field for name in ("k_cache", "v_cache", "logits")
+                   for field in ((name, ctypes.c_void_p), (name + "_size", ctypes.c_int64))])
 
 
 # bytelm_sample's refusals (bytelm/csrc/sample.c), by return code
@@ -152,14 +161,23 @@ def _build(compiler: str, path: Path) -> None:
 
 
 def _bind(lib: ctypes.CDLL) -> None:
-    """Declare the entry points' signatures, and check that DecodeStep matches the C struct."""
+    """Declare the entry points' signatures, and check that DecodeStep and DecodeRow match the C structs."""
     lib.bytelm_decode_step_size.restype = ctypes.c_size_t
     lib.bytelm_decode_step_size.argtypes = []
     if lib.bytelm_decode_step_size() != ctypes.sizeof(DecodeStep):
         raise ImportError(f"DecodeStep is {ctypes.sizeof(DecodeStep)} bytes in Python but "
                           f"{lib.bytelm_decode_step_size()} in C: bytelm/native.py and decode_step.c disagree")
+    lib.bytelm_decode_row_size.restype = ctypes.c_size_t
+    lib.bytelm_decode_row_size.argtypes = []
+    if lib.bytelm_decode_row_size() != ctypes.sizeof(DecodeRow):
+        raise ImportError(f"DecodeRow is {ctypes.sizeof(DecodeRow)} bytes in Python but "
+                          f"{lib.bytelm_decode_row_size()} in C: bytelm/native.py and decode_step.c disagree")
     lib.bytelm_decode_step.restype = ctypes.c_int
     lib.bytelm_decode_step.argtypes = [ctypes.POINTER(DecodeStep), ctypes.c_int, ctypes.c_int]
+    lib.bytelm_decode_rows.restype = ctypes.c_int
+    lib.bytelm_decode_rows.argtypes = [ctypes.POINTER(DecodeStep), ctypes.POINTER(DecodeRow), ctypes.c_int]
+    lib.bytelm_decode_max_rows.restype = ctypes.c_int
+    lib.bytelm_decode_max_rows.argtypes = []
     lib.bytelm_half_supported.restype = ctypes.c_int
     lib.bytelm_half_supported.argtypes = []
     lib.bytelm_sample.restype = ctypes.c_int

@@ -123,6 +123,87 @@ def test_half_weights_step_stays_close_to_the_reference(shape):
     assert gen.last_stats["step"] == "C, fp16 weights"
 
 
+def prefilled_caches(model: ByteLM, decoder: FastDecoder, lengths: list[int], seed: int) -> list:
+    """One cache per row, fed lengths[i] random bytes by the single step, so the rows sit at different positions."""
+    g = torch.Generator().manual_seed(seed)
+    caches = []
+    for n in lengths:
+        cache = model.new_cache()
+        for b in torch.randint(0, 256, (n,), generator=g).tolist():
+            decoder.step(b, cache)
+        caches.append(cache)
+    return caches
+
+
+def copy_cache(cache):
+    twin = type(cache).__new__(type(cache))
+    twin.k, twin.v, twin.max_len, twin.pos = cache.k.clone(), cache.v.clone(), cache.max_len, cache.pos
+    return twin
+
+
+BATCH_SHAPES = {"D16": dict(n_layer=2, n_head=4, n_embd=64, block_size=24),
+                "odd": dict(n_layer=1, n_head=5, n_embd=10, block_size=16, mlp_ratio=3)}
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler on this machine")
+@pytest.mark.parametrize("value_embeds", [False, True], ids=["plain", "value-embeds"])
+@pytest.mark.parametrize("half", [False, True], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape", BATCH_SHAPES.values(), ids=BATCH_SHAPES.keys())
+def test_batched_step_gives_every_row_its_single_step_logits_bitwise(shape, half, value_embeds):
+    """A generation's bytes must not depend on who else is served: each row of a batched step (rows at different
+    positions, in any order, 1 to 9 of them, joining and leaving) gets exactly the logits and cache contents
+    the single step gives it alone. "odd" has columns and weight rows that are not multiples of 8."""
+    if half and not HALF:
+        pytest.skip("this build of the C step has no half-precision weights (no F16C)")
+    model = perturbed_model(seed=6, value_embeds=value_embeds, **shape)
+    decoder = FastDecoder(model, half=half)
+    assert decoder.native and decoder.half == half
+    room = model.config.block_size - 4
+    g = torch.Generator().manual_seed(7)
+    for n in (1, 3, 8, 9):
+        alone = prefilled_caches(model, decoder, [(5 * i + n) % room for i in range(n)], seed=n)
+        batched = [copy_cache(c) for c in alone]
+        for step in range(4):
+            # a random order, and on the last step only some rows: rows join and leave between steps
+            order = torch.randperm(n, generator=g).tolist()[:n if step < 3 else max(1, n // 2)]
+            bytes_ = torch.randint(0, 256, (len(order),), generator=g).tolist()
+            got = decoder.step_rows(bytes_, [batched[i] for i in order])
+            assert got.shape == (len(order), 256)
+            for row, (i, b) in enumerate(zip(order, bytes_)):
+                want = decoder.step(b, alone[i])
+                assert torch.equal(got[row], want), (n, step, i)
+        for a, b in zip(alone, batched):
+            assert a.pos == b.pos and torch.equal(a.k, b.k) and torch.equal(a.v, b.v)
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler on this machine")
+def test_batched_step_refuses_a_full_cache_and_mismatched_rows():
+    model = perturbed_model(block_size=8)
+    decoder = FastDecoder(model)
+    full, fresh = prefilled_caches(model, decoder, [8, 0], seed=1)
+    with pytest.raises(ValueError, match="room"):
+        decoder.step_rows([65, 66], [fresh, full])
+    assert fresh.pos == 0  # nothing was stepped
+    with pytest.raises(ValueError, match="one byte per cache"):
+        decoder.step_rows([65], [fresh, fresh])
+    with pytest.raises(ValueError, match="the same cache twice"):
+        decoder.step_rows([65, 66], [fresh, fresh])  # each row would overwrite the other's keys
+    other = ByteLM(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=8)).new_cache()  # another model's
+    with pytest.raises(ValueError, match="row 1: k_cache holds"):
+        decoder.step_rows([65, 66], [fresh, other])  # refused by the C step's own checks
+    assert fresh.pos == other.pos == 0
+
+
+def test_batched_step_without_the_c_step_steps_rows_one_by_one():
+    model = perturbed_model(block_size=8)
+    decoder = FastDecoder(model, native=False)
+    caches = prefilled_caches(model, decoder, [2, 5], seed=1)
+    twins = [copy_cache(c) for c in caches]
+    got = decoder.step_rows([1, 2], caches)
+    torch.testing.assert_close(got, torch.stack([decoder.step(1, twins[0]), decoder.step(2, twins[1])]))
+    assert [c.pos for c in caches] == [3, 6]
+
+
 def test_generator_output_is_unchanged_by_the_exact_fast_step():
     """Greedy and sampled text, long enough to slide the window twice, is the same byte for byte."""
     model = perturbed_model(block_size=32)

@@ -71,7 +71,7 @@ import ctypes, torch
 from bytelm.config import ModelConfig
 from bytelm.decode import FastDecoder
 from bytelm.model import ByteLM, KVCache
-from bytelm.native import DecodeStep, library
+from bytelm.native import DecodeRow, DecodeStep, library
 from bytelm.sampling import CSampler, SamplingSettings
 
 torch.manual_seed(0)
@@ -105,8 +105,52 @@ def raw_step(pos, byte, cache, **fields):
     if decoder._kernel(decoder._args_ref, pos, byte):
         raise ValueError(args.error.decode())
 
+def raw_rows(caches, n=None, row1=None, null_rows=False, **fields):
+    """bytelm_decode_rows itself, past FastDecoder.step_rows' own checks. row1: fields to set on row 1 (its
+    logits: row 0's); fields: of the DecodeStep (its scratch: row 0's k_cache)."""
+    decoder = FastDecoder(model)
+    rows = (DecodeRow * max(len(caches), n or 0))()
+    logits = torch.empty(len(rows), 256)
+    for i, cache in enumerate(caches):
+        r = rows[i]
+        r.byte, r.pos, r.max_len = 65, cache.pos, cache.k.size(3)
+        r.k_cache, r.k_cache_size, r.v_cache, r.v_cache_size = cache.k.data_ptr(), cache.k.numel(), \
+            cache.v.data_ptr(), cache.v.numel()
+        r.logits, r.logits_size = logits[i].data_ptr(), 256
+    for k, v in (row1 or {}).items():
+        setattr(rows[1], k, rows[0].logits if k == "logits" else v)
+    _, scratch, _ = decoder._batch_buffers(len(rows), 8)
+    args = decoder._args
+    args.scratch, args.scratch_size = scratch.data_ptr(), scratch.numel()
+    for k, v in fields.items():
+        setattr(args, k, rows[0].k_cache if k == "scratch" else v)
+    if decoder._rows_kernel(decoder._args_ref, None if null_rows else rows, len(caches) if n is None else n):
+        raise ValueError(args.error.decode())
+
+def two():
+    return [model.new_cache(), model.new_cache()]
+
+
 with torch.inference_mode():
     attempt("ok", lambda: step())
+    attempt("rows-ok", lambda: raw_rows(two()))
+    attempt("rows-zero", lambda: raw_rows(two(), n=0))
+    attempt("rows-too-many", lambda: raw_rows(two(), n=library().bytelm_decode_max_rows() + 1))
+    attempt("rows-null", lambda: raw_rows(two(), null_rows=True))
+    attempt("rows-same-cache", lambda: raw_rows([model.new_cache()] * 2))
+    attempt("rows-same-logits", lambda: raw_rows(two(), row1=dict(logits=None)))  # None: row 0's logits
+    attempt("rows-pos-past-cache", lambda: raw_rows([model.new_cache(), KVCache(model.config, 1, max_len=4)],
+                                                    row1=dict(pos=5)))
+    attempt("rows-byte-256", lambda: raw_rows(two(), row1=dict(byte=256)))
+    attempt("rows-max-len-lies", lambda: raw_rows([model.new_cache(), KVCache(model.config, 1, max_len=4)],
+                                                  row1=dict(max_len=8)))
+    attempt("rows-max-len-zero", lambda: raw_rows(two(), row1=dict(max_len=0)))
+    attempt("rows-logits-short", lambda: raw_rows(two(), row1=dict(logits_size=255)))
+    attempt("rows-scratch-short", lambda: raw_rows(two(), scratch_size=10))
+    attempt("rows-scratch-on-a-cache", lambda: raw_rows(two(), scratch=None))  # None: row 0's k_cache
+    attempt("step-rows-byte-huge", lambda: FastDecoder(model).step_rows([2 ** 32 + 65], [model.new_cache()]))
+    attempt("step-rows-other-model", lambda: FastDecoder(model).step_rows([65, 65], [model.new_cache(),
+                                                                                     KVCache(other, 1)]))
     attempt("c-pos-past-cache", lambda: raw_step(5, 65, KVCache(model.config, 1, max_len=4)))
     attempt("c-pos-negative", lambda: raw_step(-1, 65, model.new_cache()))
     attempt("c-byte-256", lambda: raw_step(0, 256, model.new_cache()))
@@ -136,7 +180,9 @@ with torch.inference_mode():
     lib = library()
     print("raw-sample-u-1 |", lib.bytelm_sample(torch.randn(256).data_ptr(), 256, None, 0, 1.0, 1.0, 0, 1.0, 0.0, 1.0))
     print("raw-step-null |", lib.bytelm_decode_step(None, 0, 0))
+    print("raw-rows-null |", lib.bytelm_decode_rows(None, None, 1))
     print("struct-size |", lib.bytelm_decode_step_size() == ctypes.sizeof(DecodeStep))
+    print("row-struct-size |", lib.bytelm_decode_row_size() == ctypes.sizeof(DecodeRow))
 '''
 
 
@@ -149,7 +195,10 @@ def test_wrong_shapes_positions_and_bytes_raise_a_clear_value_error(tmp_path):
     assert results.pop("sampler-ok") == "accepted"
     assert results.pop("raw-sample-u-1").strip() == "-4"
     assert results.pop("raw-step-null").strip() == "1"
+    assert results.pop("raw-rows-null").strip() == "1"
     assert results.pop("struct-size").strip() == "True"
+    assert results.pop("row-struct-size").strip() == "True"
+    assert results.pop("rows-ok") == "accepted"
     expected = {  # what each refusal must name
         "pos-past-context": "room", "pos-negative": "room", "pos-huge": "room",
         "byte-256": "byte 256", "byte-negative": "byte -1", "byte-huge": "byte 4294967361",
@@ -161,6 +210,16 @@ def test_wrong_shapes_positions_and_bytes_raise_a_clear_value_error(tmp_path):
         "half-flag-bad": "half-precision", "scratch-short": "scratch holds 10", "rope-short": "rope_cos holds",
         "logits-short": "logits holds 255", "sampler-fp64": "float32", "sampler-300-logits": "1 to 256",
         "sampler-recent-null": "recent bytes are missing", "sampler-negative-temperature": "out of range",
+        # the batched step (bytelm_decode_rows): each refusal names the row
+        "rows-zero": "the rows must be 1 to 256, not 0", "rows-too-many": "not 257", "rows-null": "(NULL)",
+        "rows-same-cache": "_cache overlaps row 1's ",
+        "rows-same-logits": "row 0's logits overlaps row 1's logits",
+        "rows-pos-past-cache": "row 1: position 5 is outside the cache (4",
+        "rows-byte-256": "row 1: byte 256 is outside 0..255",
+        "rows-max-len-lies": "row 1: k_cache holds 128 elements where the dimensions need 256",
+        "rows-max-len-zero": "row 1: max_len must be positive", "rows-logits-short": "row 1: logits holds 255",
+        "rows-scratch-short": "scratch holds 10", "rows-scratch-on-a-cache": "the scratch overlaps row",
+        "step-rows-byte-huge": "byte 4294967361", "step-rows-other-model": "row 1: k_cache holds",
     }
     for name, needle in expected.items():
         assert results[name].startswith("ValueError:") and needle in results[name], (name, results[name])

@@ -1,120 +1,35 @@
-/* One-byte decode step of ByteLM in plain C (fp32, batch 1, one thread).
+/* The one-byte decode step of ByteLM in plain C (fp32 arithmetic, one thread): for one row, or for a batch of
+ * rows that each feed one byte at their own position into their own KV cache.
  *
  * The same arithmetic as bytelm/decode.py's torch path (and so as ByteLM.forward with a KV cache), in one
  * call: at batch 1 a step is ~25 small matrix-vector products plus ~150 elementwise operations, and in torch
- * each of those costs microseconds of dispatch. Here the step is bounded by reading the weights once.
+ * each of those costs microseconds of dispatch. A batched step (bytelm_decode_rows) reads each weight once for
+ * all its rows (bytelm/csrc/matvec.h), and gives every row bitwise the logits the single step gives it alone.
  *
  * Built and loaded by bytelm/native.py (-O3 -march=native); tests/test_decode.py checks it against the
  * reference. The caller fills a DecodeStep (bytelm.native.DecodeStep, the same fields in the same order) once
- * and passes it with each position and byte. Layouts (all row-major, contiguous, float32):
+ * and passes it with each position and byte, or with an array of DecodeRow. Layouts (row-major, contiguous):
  *   embed (V, C); w_qkv (L, 3C, C); w_proj (L, C, C); w_fc (L, F, C); w_out (L, C, F); head (V, C)
  *   (the last five float, or IEEE half when `half` is set: see bytelm_half_supported)
  *   rope_cos, rope_sin (rope_len, 2, D): per position, a row for queries (scaled by 1/sqrt(D)) and one for keys
  *   value_embed (V, L, C) or NULL: each layer's row for the byte, added to its values (ModelConfig.value_embeds)
- *   k_cache, v_cache (L, H, max_len, D): the KVCache tensors of batch 1
- *   scratch: at least 5C + max(F, max_len) floats; logits (V)
- * Every buffer comes with its size in elements, and bytelm_decode_step checks the dimensions, the sizes, the
- * position and the byte before it touches any memory: a wrong call is refused with a message in `error`.
- * RMSNorm weights are already folded into w_qkv, w_fc and head (see decode.py).
+ *   k_cache, v_cache (L, H, max_len, D): the KVCache tensors of batch 1, one pair per row
+ *   scratch: at least 5C + max(F, max_len) floats per row (see bytelm_decode_rows); logits (V) per row
+ * Every buffer comes with its size in elements, and both entry points check the dimensions, the sizes, the
+ * positions and the bytes, and that no two buffers they write overlap, before they touch any memory: a wrong
+ * call is refused with a message in `error`. RMSNorm weights are already folded into w_qkv, w_fc and head.
  */
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 
 #include "attend.h"
+#include "matvec.h"
 
-/* y (rows) = W (rows, cols) @ x (cols) [+ y if accumulate]. Four rows at a time: four independent sums
- * keep the vector units busy while the next rows stream in from memory. */
-static void matvec(const float *restrict w, const float *restrict x, float *restrict y,
-                   int rows, int cols, int accumulate) {
-    int r = 0;
-    for (; r + 4 <= rows; r += 4) {
-        const float *restrict w0 = w + (size_t)r * cols, *restrict w1 = w0 + cols;
-        const float *restrict w2 = w1 + cols, *restrict w3 = w2 + cols;
-        float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-        for (int c = 0; c < cols; c++) {
-            a0 += w0[c] * x[c]; a1 += w1[c] * x[c]; a2 += w2[c] * x[c]; a3 += w3[c] * x[c];
-        }
-        if (accumulate) { y[r] += a0; y[r + 1] += a1; y[r + 2] += a2; y[r + 3] += a3; }
-        else { y[r] = a0; y[r + 1] = a1; y[r + 2] = a2; y[r + 3] = a3; }
-    }
-    for (; r < rows; r++) {
-        const float *restrict row = w + (size_t)r * cols;
-        float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-        for (int c = 0; c < cols; c++) acc += row[c] * x[c];
-        y[r] = accumulate ? y[r] + acc : acc;
-    }
-}
-
-#if BYTELM_AVX2 && defined(__F16C__)
-#define HAVE_HALF 1
-#else
-#define HAVE_HALF 0
-#endif
-
-#if BYTELM_AVX2
-/* Weights from element i of w as float: w holds float, or IEEE half when `half` is set (F16C converts 8 at a
- * time; half the bytes to read). Always inlined with a constant `half`, so the test disappears. */
-static inline __attribute__((always_inline)) __m256 load8(const void *w, size_t i, int half) {
-#if HAVE_HALF
-    if (half) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const unsigned short *)w + i)));
-#endif
-    return _mm256_loadu_ps((const float *)w + i);
-}
-static inline __attribute__((always_inline)) float load1(const void *w, size_t i, int half) {
-#if HAVE_HALF
-    if (half) return _cvtsh_ss(((const unsigned short *)w)[i]);
-#endif
-    return ((const float *)w)[i];
-}
-
-/* y (rows) = W (rows, cols) @ x (cols) [+ y if accumulate], eight rows at a time: eight independent chains of
- * FMAs. With four, each FMA waited on the previous one in its chain, and latency, not memory, bounded the
- * loop; eight made the default model's products about 1.6x faster (docs/generation.md). */
-static inline __attribute__((always_inline)) void matvec8(const void *restrict w, const float *restrict x,
-                                                          float *restrict y, int rows, int cols, int accumulate,
-                                                          int half) {
-    int r = 0;
-    for (; r + 8 <= rows; r += 8) {
-        const size_t row0 = (size_t)r * cols;
-        __m256 acc[8];
-        for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
-        for (int c = 0; c + 8 <= cols; c += 8) {
-            const __m256 xv = _mm256_loadu_ps(x + c);
-            for (int j = 0; j < 8; j++)
-                acc[j] = _mm256_fmadd_ps(load8(w, row0 + (size_t)j * cols + c, half), xv, acc[j]);
-        }
-        float out[8];
-        _mm256_storeu_ps(out, sum_each8(acc));
-        for (int j = 0; j < 8; j++) {
-            for (int c = cols & ~7; c < cols; c++) out[j] += load1(w, row0 + (size_t)j * cols + c, half) * x[c];
-            y[r + j] = accumulate ? y[r + j] + out[j] : out[j];
-        }
-    }
-    for (; r < rows; r++) {
-        float acc = 0.0f;
-        for (int c = 0; c < cols; c++) acc += load1(w, (size_t)r * cols + c, half) * x[c];
-        y[r] = accumulate ? y[r] + acc : acc;
-    }
-}
-#endif
-
-/* Whether this build can take half-precision weights (x86 with F16C and FMA: bytelm_decode_step's `half`). */
+/* Whether this build can take half-precision weights (x86 with F16C and FMA: DecodeStep's `half`). */
 int bytelm_half_supported(void) { return HAVE_HALF; }
-
-/* The weight matrices are float, or half (unsigned short bits) when `half` is set; `offset` in elements. */
-static void weight_matvec(const void *w, size_t offset, int half, const float *restrict x, float *restrict y,
-                          int rows, int cols, int accumulate) {
-#if BYTELM_AVX2
-    if (half) matvec8((const unsigned short *)w + offset, x, y, rows, cols, accumulate, 1);
-    else matvec8((const float *)w + offset, x, y, rows, cols, accumulate, 0);
-#else
-    matvec((const float *)w + offset, x, y, rows, cols, accumulate);
-#endif
-}
 
 /* out = x / sqrt(mean(x^2) + eps), no weight (folded into the next matrix) */
 static void rms_norm(const float *restrict x, float *restrict out, int n, float eps) {
@@ -181,7 +96,9 @@ __attribute__((noinline)) static void add_row(float *restrict y, const float *re
 }
 
 /* The model and buffers of a decode step: bytelm.native.DecodeStep declares the same fields in the same order
- * (bytelm_decode_step_size lets it check). Each buffer's size is its length in elements, as allocated. */
+ * (bytelm_decode_step_size lets it check). Each buffer's size is its length in elements, as allocated.
+ * max_len, k_cache, v_cache and logits are the row of bytelm_decode_step; bytelm_decode_rows takes its rows
+ * from a DecodeRow array instead and ignores them. */
 typedef struct {
     int32_t n_layer, C, H, F, V, max_len, rope_len, half;
     float eps, qk_eps;
@@ -201,7 +118,21 @@ typedef struct {
     char error[200];  /* why the last call was refused */
 } DecodeStep;
 
+/* One row of a batched step (bytelm.native.DecodeRow): its byte and position, and its own KV cache
+ * (L, H, max_len, D) and logits (V). Rows of one call may sit at different positions. */
+typedef struct {
+    int32_t byte, pos, max_len;
+    float *k_cache; int64_t k_cache_size;
+    float *v_cache; int64_t v_cache_size;
+    float *logits; int64_t logits_size;
+} DecodeRow;
+
+/* The most rows one call takes: the checks compare every pair of rows' buffers. */
+#define MAX_ROWS 256
+
 size_t bytelm_decode_step_size(void) { return sizeof(DecodeStep); }
+size_t bytelm_decode_row_size(void) { return sizeof(DecodeRow); }
+int bytelm_decode_max_rows(void) { return MAX_ROWS; }
 
 /* a * b * c * d, or -1 if it overflows int64 (every factor >= 0) */
 static int64_t product(int64_t a, int64_t b, int64_t c, int64_t d) {
@@ -211,24 +142,25 @@ static int64_t product(int64_t a, int64_t b, int64_t c, int64_t d) {
     return abcd;
 }
 
-/* 0 if buffer `name` is there and holds `want` elements (at least `want` when `at_least`), else 1 with the
- * reason in s->error */
-static int check_buffer(DecodeStep *s, const char *name, const void *data, int64_t size, int64_t want, int at_least) {
-    if (want < 0) { snprintf(s->error, sizeof s->error, "the size of %s overflows", name); return 1; }
-    if (!data) { snprintf(s->error, sizeof s->error, "%s is NULL", name); return 1; }
+/* 0 if buffer `name` (after `prefix`) is there and holds `want` elements (at least `want` when `at_least`),
+ * else 1 with the reason in s->error */
+static int check_buffer(DecodeStep *s, const char *prefix, const char *name, const void *data, int64_t size,
+                        int64_t want, int at_least) {
+    if (want < 0) { snprintf(s->error, sizeof s->error, "%sthe size of %s overflows", prefix, name); return 1; }
+    if (!data) { snprintf(s->error, sizeof s->error, "%s%s is NULL", prefix, name); return 1; }
     if (at_least ? size < want : size != want) {
-        snprintf(s->error, sizeof s->error, "%s holds %lld elements where the dimensions need %s%lld", name,
-                 (long long)size, at_least ? "at least " : "", (long long)want);
+        snprintf(s->error, sizeof s->error, "%s%s holds %lld elements where the dimensions need %s%lld", prefix,
+                 name, (long long)size, at_least ? "at least " : "", (long long)want);
         return 1;
     }
     return 0;
 }
 
-/* 0 if the dimensions are positive and consistent and every buffer has the size they imply, else 1 */
-static int check_step(DecodeStep *s) {
-    if (s->n_layer < 1 || s->C < 1 || s->H < 1 || s->F < 1 || s->V < 1 || s->max_len < 1 || s->rope_len < 1) {
+/* 0 if the dimensions are positive and consistent and the model's buffers have the sizes they imply, else 1 */
+static int check_model(DecodeStep *s) {
+    if (s->n_layer < 1 || s->C < 1 || s->H < 1 || s->F < 1 || s->V < 1 || s->rope_len < 1) {
         snprintf(s->error, sizeof s->error, "dimensions must be positive (n_layer %d, C %d, H %d, F %d, V %d, "
-                 "max_len %d, rope_len %d)", s->n_layer, s->C, s->H, s->F, s->V, s->max_len, s->rope_len);
+                 "rope_len %d)", s->n_layer, s->C, s->H, s->F, s->V, s->rope_len);
         return 1;
     }
     if (s->C % s->H || (s->C / s->H) % 2) {
@@ -240,75 +172,174 @@ static int check_step(DecodeStep *s) {
         return 1;
     }
     const int64_t L = s->n_layer, C = s->C, F = s->F, V = s->V, D = C / s->H;
-    const int64_t scratch = 5 * C + (F > s->max_len ? F : s->max_len);
-    return check_buffer(s, "embed", s->embed, s->embed_size, product(V, C, 1, 1), 0)
-        || check_buffer(s, "w_qkv", s->w_qkv, s->w_qkv_size, product(L, 3, C, C), 0)
-        || check_buffer(s, "w_proj", s->w_proj, s->w_proj_size, product(L, C, C, 1), 0)
-        || check_buffer(s, "w_fc", s->w_fc, s->w_fc_size, product(L, F, C, 1), 0)
-        || check_buffer(s, "w_out", s->w_out, s->w_out_size, product(L, C, F, 1), 0)
-        || check_buffer(s, "head", s->head, s->head_size, product(V, C, 1, 1), 0)
-        || check_buffer(s, "rope_cos", s->rope_cos, s->rope_cos_size, product(s->rope_len, 2, D, 1), 0)
-        || check_buffer(s, "rope_sin", s->rope_sin, s->rope_sin_size, product(s->rope_len, 2, D, 1), 0)
+    return check_buffer(s, "", "embed", s->embed, s->embed_size, product(V, C, 1, 1), 0)
+        || check_buffer(s, "", "w_qkv", s->w_qkv, s->w_qkv_size, product(L, 3, C, C), 0)
+        || check_buffer(s, "", "w_proj", s->w_proj, s->w_proj_size, product(L, C, C, 1), 0)
+        || check_buffer(s, "", "w_fc", s->w_fc, s->w_fc_size, product(L, F, C, 1), 0)
+        || check_buffer(s, "", "w_out", s->w_out, s->w_out_size, product(L, C, F, 1), 0)
+        || check_buffer(s, "", "head", s->head, s->head_size, product(V, C, 1, 1), 0)
+        || check_buffer(s, "", "rope_cos", s->rope_cos, s->rope_cos_size, product(s->rope_len, 2, D, 1), 0)
+        || check_buffer(s, "", "rope_sin", s->rope_sin, s->rope_sin_size, product(s->rope_len, 2, D, 1), 0)
         || (s->value_embed || s->value_embed_size
-            ? check_buffer(s, "value_embed", s->value_embed, s->value_embed_size, product(V, L, C, 1), 0) : 0)
-        || check_buffer(s, "k_cache", s->k_cache, s->k_cache_size, product(L, C, s->max_len, 1), 0)
-        || check_buffer(s, "v_cache", s->v_cache, s->v_cache_size, product(L, C, s->max_len, 1), 0)
-        || check_buffer(s, "scratch", s->scratch, s->scratch_size, scratch, 1)
-        || check_buffer(s, "logits", s->logits, s->logits_size, V, 1);
+            ? check_buffer(s, "", "value_embed", s->value_embed, s->value_embed_size, product(V, L, C, 1), 0) : 0);
 }
 
-/* Feeds `byte` at position `pos`: writes its keys and values into the caches at `pos` and the next byte's logits
- * into s->logits. Returns 0, or 1 (nothing touched) with the reason in s->error. */
-int bytelm_decode_step(DecodeStep *s, int pos, int byte) {
-    if (!s) return 1;
-    s->error[0] = '\0';
-    if (check_step(s)) return 1;
-    if (pos < 0 || pos >= s->max_len || pos >= s->rope_len) {
-        snprintf(s->error, sizeof s->error, "position %d is outside the cache (%d positions) or the rotary tables "
-                 "(%d)", pos, s->max_len, s->rope_len);
+/* 0 if a row's cache sizes match the model and its max_len, its position fits the cache and the rotary
+ * tables and its byte the vocabulary, else 1 */
+static int check_row(DecodeStep *s, const DecodeRow *row, const char *prefix) {
+    if (row->max_len < 1) {
+        snprintf(s->error, sizeof s->error, "%smax_len must be positive, not %d", prefix, row->max_len);
         return 1;
     }
-    if (byte < 0 || byte >= s->V) {
-        snprintf(s->error, sizeof s->error, "byte %d is outside 0..%d", byte, s->V - 1);
+    const int64_t cache = product(s->n_layer, s->C, row->max_len, 1);
+    if (check_buffer(s, prefix, "k_cache", row->k_cache, row->k_cache_size, cache, 0)
+        || check_buffer(s, prefix, "v_cache", row->v_cache, row->v_cache_size, cache, 0)
+        || check_buffer(s, prefix, "logits", row->logits, row->logits_size, s->V, 1)) return 1;
+    if (row->pos < 0 || row->pos >= row->max_len || row->pos >= s->rope_len) {
+        snprintf(s->error, sizeof s->error, "%sposition %d is outside the cache (%d positions) or the rotary "
+                 "tables (%d)", prefix, row->pos, row->max_len, s->rope_len);
         return 1;
     }
-    const int n_layer = s->n_layer, C = s->C, H = s->H, F = s->F, V = s->V, max_len = s->max_len, half = s->half;
+    if (row->byte < 0 || row->byte >= s->V) {
+        snprintf(s->error, sizeof s->error, "%sbyte %d is outside 0..%d", prefix, row->byte, s->V - 1);
+        return 1;
+    }
+    return 0;
+}
+
+/* A buffer the step writes: its name, its row (-1 for the scratch) and the bytes [lo, hi) it spans. */
+typedef struct { const char *name; int row; uintptr_t lo, hi; } Span;
+
+/* Buffer i of those a call writes: 0 the scratch (its first `scratch_used` floats), then each row's k_cache,
+ * v_cache and logits */
+static Span written(const DecodeStep *s, const DecodeRow *rows, int i, int64_t scratch_used) {
+    static const char *names[3] = {"k_cache", "v_cache", "logits"};
+    if (i == 0) return (Span){"scratch", -1, (uintptr_t)s->scratch, (uintptr_t)(s->scratch + scratch_used)};
+    const DecodeRow *r = &rows[(i - 1) / 3];
+    const float *data = i % 3 == 1 ? r->k_cache : i % 3 == 2 ? r->v_cache : r->logits;
+    const int64_t size = i % 3 == 1 ? r->k_cache_size : i % 3 == 2 ? r->v_cache_size : s->V;
+    return (Span){names[(i - 1) % 3], (i - 1) / 3, (uintptr_t)data, (uintptr_t)(data + size)};
+}
+
+static int by_start(const void *a, const void *b) {
+    const Span *x = a, *y = b;
+    return x->lo != y->lo ? (x->lo < y->lo ? -1 : 1) : x->row - y->row;  /* a total order: a stable message */
+}
+
+/* 0 if no two buffers the step writes overlap, else 1: two rows given the same cache would each overwrite the
+ * other's keys. Sorted by start, a buffer that overlaps any other overlaps the next one (none is empty). */
+static int check_disjoint(DecodeStep *s, const DecodeRow *rows, int n, int64_t scratch_used) {
+    Span spans[3 * MAX_ROWS + 1];
+    for (int i = 0; i <= 3 * n; i++) spans[i] = written(s, rows, i, scratch_used);
+    qsort(spans, 3 * n + 1, sizeof spans[0], by_start);
+    for (int i = 0; i < 3 * n; i++) {
+        const Span p = spans[i], q = spans[i + 1];
+        if (q.lo < p.hi) {
+            if (p.row < 0 || q.row < 0)
+                snprintf(s->error, sizeof s->error, "the scratch overlaps row %d's %s", p.row < 0 ? q.row : p.row,
+                         p.row < 0 ? q.name : p.name);
+            else snprintf(s->error, sizeof s->error, "row %d's %s overlaps row %d's %s", p.row, p.name, q.row,
+                          q.name);
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* The floats of scratch each row uses: x, h (C each), qkv (3C), and max(F, max_len) for the MLP's hidden
+ * layer or one head's attention weights. Rows are 16 floats (64 bytes) apart at least, so each row's buffers
+ * sit at the same alignment as a lone row's: any vectorised loop then splits them the same way. */
+static int64_t row_scratch(const DecodeStep *s, int max_len) {
+    return 5 * (int64_t)s->C + (s->F > max_len ? s->F : max_len);
+}
+
+/* Every layer for every row; the checks have passed. Row b's buffers are scratch + b * stride. */
+static void step_rows(DecodeStep *s, const DecodeRow *rows, int n, size_t stride) {
+    const int n_layer = s->n_layer, C = s->C, H = s->H, F = s->F, V = s->V, half = s->half;
     const float eps = s->eps, qk_eps = s->qk_eps;
     const float *embed = s->embed, *value_embed = s->value_embed;
     const void *w_qkv = s->w_qkv, *w_proj = s->w_proj, *w_fc = s->w_fc, *w_out = s->w_out, *head = s->head;
-    float *k_cache = s->k_cache, *v_cache = s->v_cache, *logits = s->logits;
-    const int D = C / H, end = pos + 1;
-    float *x = s->scratch;           /* (C) the residual stream */
-    float *h = x + C;                /* (C) normalised input of a matrix */
-    float *qkv = h + C;              /* (3C) */
-    float *hidden = qkv + 3 * C;     /* (max(F, max_len)): MLP hidden, or attention weights of one head */
-    const float *cos_q = s->rope_cos + (size_t)pos * 2 * D, *cos_k = cos_q + D;
-    const float *sin_q = s->rope_sin + (size_t)pos * 2 * D, *sin_k = sin_q + D;
+    const int D = C / H;
+    /* per row: x (C) the residual stream; h (C) the normalised input of a matrix; qkv (3C); hidden */
+    const Vectors x = {s->scratch, stride, NULL}, h = {s->scratch + C, stride, NULL};
+    const Vectors qkv = {s->scratch + 2 * C, stride, NULL}, hidden = {s->scratch + 5 * C, stride, NULL};
+    float *logit_rows[n];
+    for (int b = 0; b < n; b++) logit_rows[b] = rows[b].logits;
+    const Vectors logits = {NULL, 0, logit_rows};
 
-    for (int i = 0; i < C; i++) x[i] = embed[(size_t)byte * C + i];
+    for (int b = 0; b < n; b++)
+        for (int i = 0; i < C; i++) vector_at(x, b)[i] = embed[(size_t)rows[b].byte * C + i];
     for (int l = 0; l < n_layer; l++) {
         /* attention */
-        rms_norm(x, h, C, eps);
-        weight_matvec(w_qkv, (size_t)l * 3 * C * C, half, h, qkv, 3 * C, C, 0);
-        if (value_embed)  /* this layer's row of the byte's value table joins the values */
-            add_row(qkv + 2 * C, value_embed + ((size_t)byte * n_layer + l) * C, C);
-        for (int hd = 0; hd < H; hd++) {
-            float *q = qkv + hd * D, *k = qkv + C + hd * D, *v = qkv + 2 * C + hd * D;
-            norm_rotate(q, cos_q, sin_q, D, qk_eps, h);
-            norm_rotate(k, cos_k, sin_k, D, qk_eps, h);
-            float *kc = k_cache + (((size_t)l * H + hd) * max_len) * D;  /* (max_len, D) */
-            float *vc = v_cache + (((size_t)l * H + hd) * max_len) * D;
-            for (int i = 0; i < D; i++) { kc[(size_t)pos * D + i] = k[i]; vc[(size_t)pos * D + i] = v[i]; }
-            attend(q, kc, vc, end, D, hidden, q);  /* the head's output goes in place of q */
+        for (int b = 0; b < n; b++) rms_norm(vector_at(x, b), vector_at(h, b), C, eps);
+        weight_matvec_rows(w_qkv, (size_t)l * 3 * C * C, half, h, qkv, n, 3 * C, C, 0);
+        for (int b = 0; b < n; b++) {
+            const int pos = rows[b].pos, max_len = rows[b].max_len;
+            float *row_qkv = vector_at(qkv, b), *tmp = vector_at(h, b), *att = vector_at(hidden, b);
+            const float *cos_q = s->rope_cos + (size_t)pos * 2 * D, *cos_k = cos_q + D;
+            const float *sin_q = s->rope_sin + (size_t)pos * 2 * D, *sin_k = sin_q + D;
+            if (value_embed)  /* this layer's row of the byte's value table joins the values */
+                add_row(row_qkv + 2 * C, value_embed + ((size_t)rows[b].byte * n_layer + l) * C, C);
+            for (int hd = 0; hd < H; hd++) {
+                float *q = row_qkv + hd * D, *k = row_qkv + C + hd * D, *v = row_qkv + 2 * C + hd * D;
+                norm_rotate(q, cos_q, sin_q, D, qk_eps, tmp);
+                norm_rotate(k, cos_k, sin_k, D, qk_eps, tmp);
+                float *kc = rows[b].k_cache + (((size_t)l * H + hd) * max_len) * D;  /* (max_len, D) */
+                float *vc = rows[b].v_cache + (((size_t)l * H + hd) * max_len) * D;
+                for (int i = 0; i < D; i++) { kc[(size_t)pos * D + i] = k[i]; vc[(size_t)pos * D + i] = v[i]; }
+                attend(q, kc, vc, pos + 1, D, att, q);  /* the head's output goes in place of q */
+            }
         }
-        weight_matvec(w_proj, (size_t)l * C * C, half, qkv, x, C, C, 1);  /* heads' outputs are qkv[0:C] */
+        weight_matvec_rows(w_proj, (size_t)l * C * C, half, qkv, x, n, C, C, 1);  /* heads' outputs: qkv[0:C] */
         /* MLP: ReLU^2 */
-        rms_norm(x, h, C, eps);
-        weight_matvec(w_fc, (size_t)l * F * C, half, h, hidden, F, C, 0);
-        for (int i = 0; i < F; i++) { float r = hidden[i] > 0.0f ? hidden[i] : 0.0f; hidden[i] = r * r; }
-        weight_matvec(w_out, (size_t)l * C * F, half, hidden, x, C, F, 1);
+        for (int b = 0; b < n; b++) rms_norm(vector_at(x, b), vector_at(h, b), C, eps);
+        weight_matvec_rows(w_fc, (size_t)l * F * C, half, h, hidden, n, F, C, 0);
+        for (int b = 0; b < n; b++) {
+            float *hid = vector_at(hidden, b);
+            for (int i = 0; i < F; i++) { float r = hid[i] > 0.0f ? hid[i] : 0.0f; hid[i] = r * r; }
+        }
+        weight_matvec_rows(w_out, (size_t)l * C * F, half, hidden, x, n, C, F, 1);
     }
-    rms_norm(x, h, C, eps);
-    weight_matvec(head, 0, half, h, logits, V, C, 0);
-    return 0;
+    for (int b = 0; b < n; b++) rms_norm(vector_at(x, b), vector_at(h, b), C, eps);
+    weight_matvec_rows(head, 0, half, h, logits, n, V, C, 0);
+}
+
+/* Feeds rows[b].byte at rows[b].pos for each of the n rows: writes its keys and values into that row's caches
+ * and the next byte's logits into its logits, each row's bitwise the same as bytelm_decode_step gives it
+ * alone. The scratch holds (n - 1) * stride + row_scratch floats, stride being row_scratch rounded up to 16
+ * (max_len the largest of the rows'). Returns 0, or 1 (nothing touched) with the reason in s->error. */
+int bytelm_decode_rows(DecodeStep *s, const DecodeRow *rows, int n) {
+    if (!s) return 1;
+    s->error[0] = '\0';
+    if (check_model(s)) return 1;
+    if (!rows || n < 1 || n > MAX_ROWS) {
+        snprintf(s->error, sizeof s->error, "the rows must be 1 to %d, not %d%s", MAX_ROWS, n,
+                 rows ? "" : " (NULL)");
+        return 1;
+    }
+    int max_len = 1;
+    for (int b = 0; b < n; b++) {
+        char prefix[24];
+        snprintf(prefix, sizeof prefix, "row %d: ", b);
+        if (check_row(s, &rows[b], prefix)) return 1;
+        max_len = rows[b].max_len > max_len ? rows[b].max_len : max_len;
+    }
+    const int64_t one = row_scratch(s, max_len), stride = (one + 15) / 16 * 16;
+    const int64_t need = (n - 1) * stride + one;
+    return check_buffer(s, "", "scratch", s->scratch, s->scratch_size, need, 1) || check_disjoint(s, rows, n, need)
+        || (step_rows(s, rows, n, (size_t)stride), 0);
+}
+
+/* Feeds `byte` at position `pos` into the row that s holds (its max_len, k_cache, v_cache and logits): one row
+ * of bytelm_decode_rows, with the same checks. Returns 0, or 1 (nothing touched) with the reason in s->error. */
+int bytelm_decode_step(DecodeStep *s, int pos, int byte) {
+    if (!s) return 1;
+    s->error[0] = '\0';
+    if (check_model(s)) return 1;
+    const DecodeRow row = {byte, pos, s->max_len, s->k_cache, s->k_cache_size, s->v_cache, s->v_cache_size,
+                           s->logits, s->logits_size};
+    if (check_row(s, &row, "")) return 1;
+    const int64_t need = row_scratch(s, s->max_len);
+    return check_buffer(s, "", "scratch", s->scratch, s->scratch_size, need, 1) || check_disjoint(s, &row, 1, need)
+        || (step_rows(s, &row, 1, 0), 0);
 }
