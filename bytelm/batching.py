@@ -10,15 +10,16 @@
 
 Scheduling is per step ("continuous batching", as Orca and vLLM schedule): a thread runs cycles, and each
 cycle admits queued requests into free rows (prefilling their prompts), lets every active row choose its next
-byte, hands the chosen bytes to the clients, then computes every row's next logits. Requests join and leave
-between any two cycles, so a short request never waits for a long one, and a cancelled one frees its row at
-once. `workers` threads each run their own rows: the C decode step releases the GIL, so on a machine with free
-cores two workers step two rows at the same time.
+byte, hands the chosen bytes to the clients, then computes every row's next logits in one batched C step
+(FastDecoder.step_rows: each weight read once for all rows, each row at its own position in its own KV
+cache). Requests join and leave between any two cycles, so a short request never waits for a long one, and a
+cancelled one frees its row at once. `workers` threads each run their own rows: the C step releases the GIL,
+so on a machine with free cores two workers step at the same time.
 
 Each row decodes exactly as ByteLevelGenerator does (bytelm/generation.py): the same prompt window, the same
-sliding window, the same sampler drawing from the row's own torch.Generator. So a seeded request gives the
-same bytes alone, next to other requests, and from `bytelm generate --seed` (tests/test_server.py checks it).
-Why the rows' steps are not one batched matrix product on the CPU: see docs/serving.md, "Concurrency".
+sliding window, the same sampler drawing from the row's own torch.Generator, and logits from the batched step
+that are bitwise those of the single step. So a seeded request gives the same bytes alone, next to other
+requests, and from `bytelm generate --seed` (tests/test_server.py checks it).
 """
 from __future__ import annotations
 
@@ -376,6 +377,14 @@ class Engine:
                 out.append((row.handle, Failed(f"generation failed: {type(e).__name__}: {e}")))
         self._deliver(out)  # the chosen bytes go out before the step computing the next ones
         out.clear()
+        if stepping and stepping[0].step_fn is not None and stepping[0].step_fn.native:
+            try:  # one C step for every row, each weight read once (FastDecoder.step_rows)
+                logits = stepping[0].step_fn.step_rows([r.last for r in stepping], [r.cache for r in stepping])
+                for row, row_logits in zip(stepping, logits):
+                    row.logits = row_logits  # a view the next step overwrites, after every row has chosen
+                return finished
+            except Exception:  # noqa: BLE001 - refused before any row was touched: find the row, below
+                pass
         for row in stepping:
             try:
                 row.step(row.last)

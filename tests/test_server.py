@@ -27,6 +27,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from bytelm.batching import Engine, GenerationRequest, Piece, TextAssembler  # noqa: E402
 from bytelm.checkpoint import save_checkpoint  # noqa: E402
 from bytelm.config import MODEL_PRESETS, ModelConfig  # noqa: E402
+from bytelm.decode import FastDecoder  # noqa: E402
 from bytelm.generation import ByteLevelGenerator, InferenceConfig  # noqa: E402
 from bytelm.model import ByteLM  # noqa: E402
 from bytelm.server import ServeSettings, create_app  # noqa: E402
@@ -430,8 +431,12 @@ def test_text_assembler_sends_whole_characters_and_holds_back_stop_prefixes():
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_engine_rows_decode_as_bytelm_generate_while_interleaved(workers):
+def test_engine_rows_decode_as_bytelm_generate_while_interleaved(workers, monkeypatch):
     model = tiny_model()
+    batch_sizes = []  # rows per batched step (FastDecoder.step_rows, the C step's path)
+    step_rows = FastDecoder.step_rows
+    monkeypatch.setattr(FastDecoder, "step_rows",
+                        lambda self, b, caches: batch_sizes.append(len(b)) or step_rows(self, b, caches))
 
     async def run():
         engine = Engine(model, max_active=3, max_queue=10, workers=workers)
@@ -448,6 +453,8 @@ def test_engine_rows_decode_as_bytelm_generate_while_interleaved(workers):
     for s, text in enumerate(texts):
         assert text == ByteLevelGenerator(model).generate(b"ab" * s, max_new_bytes=90 + 7 * s, seed=s,
                                                           repetition_penalty=1.3, stop_at_separator=False)
+    if workers == 1 and FastDecoder(model).native:
+        assert max(batch_sizes) == 3  # the rows were stepped together
 
 
 # ---------------------------------------------------------------------------------------------------------
