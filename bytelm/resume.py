@@ -304,3 +304,9 @@ def _check_optimizer_tensor(path: Path, what: str, key, t, p: torch.Tensor) -> N
         raise CheckpointError(f"{path}: optimizer entry {what} does not hold its own data (corrupt or crafted)")
     if not bool(torch.isfinite(t).all()):
         raise CheckpointError(f"{path}: optimizer entry {what} holds inf or nan")
+    # AdamW divides by 1 - beta ** step and takes square roots of the second moments: a step that is not a
+    # whole number >= 1, or a negative second moment, would end the resumed run in a traceback or NaN.
+    if key == "step" and not (1 <= float(t) <= 2**53 and float(t) == int(float(t))):
+        raise CheckpointError(f"{path}: optimizer entry {what} is {float(t)!r}, not a whole number of steps >= 1")
+    if key in ("exp_avg_sq", "second_moment") and bool((t < 0).any()):
+        raise CheckpointError(f"{path}: optimizer entry {what} holds negative values (a second moment cannot)")

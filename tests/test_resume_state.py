@@ -135,6 +135,22 @@ def _stride_zero_moment(ckpt):
     adam[first]["exp_avg"] = torch.zeros(1).expand(shape)
 
 
+def _negative_adam_step(ckpt):
+    adam = ckpt["train_state"]["optimizers"][1]["state"]
+    adam[next(iter(adam))]["step"] = torch.tensor(-1.0)
+
+
+def _fractional_adam_step(ckpt):
+    adam = ckpt["train_state"]["optimizers"][1]["state"]
+    adam[next(iter(adam))]["step"] = torch.tensor(2.5)
+
+
+def _negative_second_moment(ckpt):
+    adam = ckpt["train_state"]["optimizers"][1]["state"]
+    first = next(iter(adam))
+    adam[first]["exp_avg_sq"] = -adam[first]["exp_avg_sq"] - 1.0
+
+
 def _param_index_out_of_range(ckpt):
     ckpt["train_state"]["optimizers"][1]["param_groups"][0]["params"][0] = 999
 
@@ -144,6 +160,9 @@ DAMAGES.update({
     "momentum of the wrong shape": (_wrong_shape_moment, "has shape (3, 3)"),
     "moment that does not hold its data": (_stride_zero_moment, "does not hold its own data"),
     "parameter index out of range": (_param_index_out_of_range, "for other parameters"),
+    "negative optimizer step": (_negative_adam_step, "not a whole number of steps"),
+    "fractional optimizer step": (_fractional_adam_step, "not a whole number of steps"),
+    "negative second moment": (_negative_second_moment, "negative values"),
 })
 
 
