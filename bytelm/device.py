@@ -149,5 +149,5 @@ def require_memory(parts: list[tuple[str, int]], device: torch.device | str = "c
     if limit is not None and need > limit:
         detail = "; ".join(f"{what}: {format_bytes(n)}" for what, n in sorted(parts, key=lambda p: -p[1]) if n)
         raise BytelmError(f"this needs {format_bytes(need)} of {torch.device(device).type} memory ({detail}), "
-                          f"over the {format_bytes(limit)} allowed by {source} (BYTELM_MAX_MEMORY sets another "
-                          "limit)")
+                          f"over the {format_bytes(limit)} allowed by {source}"
+                          + ("" if source == "BYTELM_MAX_MEMORY" else " (BYTELM_MAX_MEMORY sets another limit)"))
