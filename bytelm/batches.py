@@ -154,7 +154,29 @@ class BatchSampler:
         self._order = None
 
 
-class EvalBatches(Sequence):
+class _FixedBatches(Sequence):
+    """Fixed windows (self.starts), batch_size of them per item; subclasses say what batch(rows) holds."""
+
+    batch_size: int
+    starts: np.ndarray
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.starts) / self.batch_size)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self.batch(slice(i * self.batch_size, (i + 1) * self.batch_size))
+
+    def batch(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+class EvalBatches(_FixedBatches):
     """Fixed validation batches, made on access so a large split costs no memory up front. A Sequence:
     len(), iteration and indexing behave like a list's. The last batch may have fewer than batch_size rows:
     weight batch losses by x.numel() for an exact mean over bytes."""
@@ -176,24 +198,14 @@ class EvalBatches(Sequence):
             chosen = chosen * n_windows // k
         self.starts = chosen * seq_len
 
-    def __len__(self) -> int:
-        return math.ceil(len(self.starts) / self.batch_size)
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        starts = self.starts[i * self.batch_size:(i + 1) * self.batch_size]
-        return _windows(self.data, starts, self.seq_len)
+    def batch(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        return _windows(self.data, self.starts[rows], self.seq_len)
 
 
 IGNORE = -100  # a target that scores nothing: F.cross_entropy's default ignore_index
 
 
-class SlidingBatches(Sequence):
+class SlidingBatches(_FixedBatches):
     """Every byte of a split scored once, each with as much context as a window allows: windows of seq_len
     bytes start every `stride` bytes, and each scores only the targets that no earlier window scored (the
     first scores all of its own; the last is moved back to end at the split's end). So every byte after
@@ -222,17 +234,7 @@ class SlidingBatches(Sequence):
         prev_end = np.concatenate(([0], starts[:-1] + seq_len))  # the last target index already scored
         self.starts, self.first_scored = starts, prev_end - starts  # first scored position in each window
 
-    def __len__(self) -> int:
-        return math.ceil(len(self.starts) / self.batch_size)
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        rows = slice(i * self.batch_size, (i + 1) * self.batch_size)
+    def batch(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = _windows(self.data, self.starts[rows], self.seq_len)
         unscored = torch.arange(self.seq_len) < torch.from_numpy(self.first_scored[rows])[:, None]  # (B, T)
         return x, y.masked_fill(unscored, IGNORE)  # not in place: with one row, x and y share storage
