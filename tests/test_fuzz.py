@@ -24,20 +24,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bytelm.checkpoint import load_model, save_checkpoint
-from bytelm.config import ModelConfig
 from bytelm.errors import CheckpointError
 from bytelm.generation import ByteLevelGenerator, InferenceConfig
 from bytelm.model import ByteLM
 from bytelm.repl import ALIASES, COMMANDS, Repl
+from tiny import TINY, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64)
 FIELDS = list(InferenceConfig.__dataclass_fields__)
-
-
-def tiny_model() -> ByteLM:
-    torch.manual_seed(0)
-    return ByteLM(TINY).eval()
 
 
 MODEL = tiny_model()

@@ -19,6 +19,7 @@ from bytelm.errors import BytelmError, run_cli
 from bytelm.generation import ByteLevelGenerator, InferenceConfig, decode_stream
 from bytelm.model import ByteLM, KVCache
 from bytelm.native import library as native_library
+from tiny import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden" / "greedy.txt"
@@ -35,11 +36,6 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(n)
-
-
-def tiny_model(seed: int = 0) -> ByteLM:
-    torch.manual_seed(seed)
-    return ByteLM(ModelConfig(**TINY)).eval()
 
 
 @pytest.fixture(scope="module")

@@ -32,9 +32,9 @@ from bytelm.errors import BytelmError, run_cli
 from bytelm.generation import DECODE_STEPS, ByteLevelGenerator, InferenceConfig
 from bytelm.model import ByteLM
 from bytelm.native import library
+from tiny import TINY, save_tiny_checkpoint, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64)
 GiB = 1 << 30
 
 # Runs a bytelm command with the address space capped at what is mapped after the imports plus argv[1] bytes.
@@ -68,16 +68,9 @@ def assert_one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
     return lines[0]
 
 
-def tiny_model(seed: int = 0) -> ByteLM:
-    torch.manual_seed(seed)
-    return ByteLM(TINY).eval()
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    save_checkpoint(path, tiny_model(), TINY)
-    return path
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 # --- class 1: allocation bombs ----------------------------------------------------------------------------------

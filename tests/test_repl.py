@@ -11,32 +11,21 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from bytelm.checkpoint import save_checkpoint
-from bytelm.config import ModelConfig
 from bytelm.generation import ByteLevelGenerator, InferenceConfig
-from bytelm.model import ByteLM
 from bytelm.repl import COMMANDS, Repl
+from tiny import save_tiny_checkpoint, tiny_model
 
 pty = pytest.importorskip("pty")
 fcntl = pytest.importorskip("fcntl")
 termios = pytest.importorskip("termios")
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64)
-
-
-def tiny_model() -> ByteLM:
-    torch.manual_seed(0)
-    return ByteLM(TINY).eval()
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    save_checkpoint(path, tiny_model(), TINY)
-    return path
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 def make_repl(interactive=True, **settings):

@@ -26,19 +26,13 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from bytelm.batching import Engine, GenerationRequest, Piece, TextAssembler  # noqa: E402
 from bytelm.checkpoint import save_checkpoint  # noqa: E402
-from bytelm.config import MODEL_PRESETS, ModelConfig  # noqa: E402
 from bytelm.decode import FastDecoder  # noqa: E402
 from bytelm.generation import ByteLevelGenerator, InferenceConfig  # noqa: E402
-from bytelm.model import ByteLM  # noqa: E402
 from bytelm.server import ServeSettings, create_app  # noqa: E402
+from tiny import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 LIMITS = dict(max_tokens=512, max_prompt_bytes=1000, max_body_bytes=20_000)
-
-
-def tiny_model() -> ByteLM:
-    torch.manual_seed(0)
-    return ByteLM(ModelConfig(**MODEL_PRESETS["tiny"])).eval()
 
 
 @pytest.fixture(scope="module")
