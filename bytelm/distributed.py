@@ -99,6 +99,19 @@ def auto_threads() -> int:
     return max(1, min(torch.get_num_threads(), cores - busy))
 
 
+
+def set_threads(n: int, zero_is_automatic: bool = False) -> int:
+    """Set torch's CPU threads from a command line's --threads and return the count: 1 to this machine's CPUs
+    (a huge count crashed torch's thread pool), or 0 for auto_threads() where the command allows it."""
+    cpus = os.cpu_count() or 1
+    low = 0 if zero_is_automatic else 1
+    if not (isinstance(n, int) and low <= n <= cpus):
+        auto = "; 0 picks the free cores" if zero_is_automatic else ""
+        raise BytelmError(f"--threads must be between {low} and {cpus} (this machine's CPUs{auto}), got {n}")
+    n = n or auto_threads()
+    torch.set_num_threads(n)
+    return n
+
 def device_memory(device: torch.device) -> tuple[int, str]:
     """(bytes, in words) of memory a run on `device` can use at most: the GPU's, or the machine's RAM."""
     if device.type == "cuda":

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -198,3 +199,13 @@ def test_cli_refuses_missing_files_and_bad_flags_in_one_line(checkpoint, tmp_pat
     assert r.returncode == 1 and b"stride" in r.stderr and b"Traceback" not in r.stderr
     r = cli("score", str(checkpoint), "-", "-", stdin=b"abc")
     assert r.returncode != 0 and b"Traceback" not in r.stderr
+
+
+def test_cli_refuses_a_thread_count_past_the_cpus_and_a_closed_stdin(checkpoint):
+    for command in ("score", "compress"):
+        r = cli(command, str(checkpoint), "-", "--threads", "100000", stdin=b"abc")
+        assert r.returncode == 1 and b"--threads must be between 0 and" in r.stderr, r.stderr
+        assert b"Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "bytelm.cli", "score", str(checkpoint), "-"], stdin=subprocess.DEVNULL,
+                       capture_output=True, timeout=120, preexec_fn=lambda: os.close(0))
+    assert r.returncode == 1 and b"standard input is closed" in r.stderr, r.stderr

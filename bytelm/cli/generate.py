@@ -54,12 +54,9 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
 
 def open_generator(args: argparse.Namespace, config: InferenceConfig) -> ByteLevelGenerator:
     """The generator the CLI flags ask for, with torch's CPU threads set from --threads."""
-    import torch
+    from ..distributed import set_threads
 
-    cpus = os.cpu_count() or 1
-    if not 1 <= args.threads <= cpus:
-        raise BytelmError(f"--threads must be between 1 and {cpus} (this machine's CPUs), got {args.threads}")
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     return ByteLevelGenerator(args.model, config, device=args.device, decode_step="exact" if args.exact else "auto")
 
 

@@ -16,7 +16,6 @@ import bz2
 import io
 import json
 import lzma
-import sys
 import zlib
 from pathlib import Path
 from typing import Sequence
@@ -24,6 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import BytelmError
+from .terminal import binary_stdin
 
 BASELINES = {  # name -> compress(bytes) -> bytes; the strongest settings of the standard library's compressors
     "zlib-9": lambda b: zlib.compress(b, 9),
@@ -35,7 +35,7 @@ BASELINES = {  # name -> compress(bytes) -> bytes; the strongest settings of the
 def read_input(name: str) -> bytes:
     """The bytes of a file, or of stdin for '-'; one clear line when it can't be read."""
     if name == "-":
-        return sys.stdin.buffer.read()
+        return binary_stdin().read()
     try:
         return Path(name).read_bytes()
     except OSError as e:
@@ -51,12 +51,8 @@ def add_thread_argument(parser: argparse.ArgumentParser) -> None:
 def set_threads(n: int) -> None:
     """--threads: n, or for 0 the cores other processes leave free (bytelm.distributed.auto_threads: a thread
     sharing a busy core stalls every other thread at each parallel region)."""
-    import torch
-
-    from ..distributed import auto_threads
-    if n < 0:
-        raise BytelmError(f"--threads must be 0 (automatic) or more, got {n}")
-    torch.set_num_threads(n or auto_threads())
+    from ..distributed import set_threads as set_torch_threads
+    set_torch_threads(n, zero_is_automatic=True)
 
 
 def _patch_starts(scores, args) -> np.ndarray | None:

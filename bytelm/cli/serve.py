@@ -56,11 +56,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "bytelm serve") -> int:
     if not settings.api_key:
         settings.api_key = os.environ.get(API_KEY_ENV, "")
     settings.validate()
-    if args.threads < 1:
-        raise BytelmError(f"--threads must be at least 1, got {args.threads}")
-
-    import torch
-    torch.set_num_threads(args.threads)
+    from ..distributed import set_threads
+    set_threads(args.threads)
     model, _ = load_model(args.model, pick_device(args.device))  # a bad checkpoint stops here, in one line
     app = create_app(model, settings, name=os.path.splitext(os.path.basename(args.model))[0],
                      decode_step="exact" if args.exact else "auto")
