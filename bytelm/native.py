@@ -74,7 +74,7 @@ class DecodeRow(ctypes.Structure):
 # bytelm_sample's refusals (bytelm/csrc/sample.c), by return code
 SAMPLE_ERRORS = {-1: "the logits must be 1 to 256 values", -2: "the recent bytes are missing or their count is < 0",
                  -3: "a sampling setting is out of range (temperature < 0, penalty <= 0, min_p > 1, or NaN)",
-                 -4: "the uniform draw must be in [0, 1)"}
+                 -4: "the uniform draw must be in [0, 1)", -5: "a logit is NaN or infinite"}
 
 _lib: ctypes.CDLL | None = None
 _tried = False

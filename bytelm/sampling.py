@@ -15,7 +15,6 @@ Filtered-out bytes get -inf, so they can never be drawn. Scores that are NaN or 
 from __future__ import annotations
 
 import ctypes
-import math
 from dataclasses import dataclass
 
 import torch
@@ -116,8 +115,8 @@ def sample_next(logits: torch.Tensor, settings, recent: torch.Tensor | None = No
 def require_finite(logits: torch.Tensor) -> None:
     """Raise BytelmError if any score is NaN or infinite. Choosing from such scores is undefined (the draw below
     returned index V from NaN, an IndexError for its caller, where the C sampler returned byte 0), so both
-    samplers refuse them alike. One reduction: a few microseconds a byte."""
-    if not math.isfinite(logits.sum().item()):
+    samplers refuse them alike (the C sampler checks each score as it copies them)."""
+    if not bool(torch.isfinite(logits).all()):
         raise BytelmError("the model's next-byte scores are not finite numbers (its weights overflow float32 "
                           "arithmetic); generation stopped")
 
@@ -169,9 +168,10 @@ class CSampler:
                 and 0 < logits.numel() <= 256 and 0 <= n_recent < 2 ** 31):
             raise ValueError("CSampler needs 1 to 256 contiguous float32 CPU logits and 0 <= n_recent < 2**31, got "
                              f"{tuple(logits.shape)} {logits.dtype} on {logits.device}, n_recent {n_recent}")
-        require_finite(logits)
         u = 0.0 if self.greedy else torch.rand((1,), generator=generator, dtype=torch.float64).item()
         byte = self._fn(logits.data_ptr(), logits.numel(), recent_address, n_recent, *self._args, u)
+        if byte == -5:  # non-finite scores: the same error as sample_next gives
+            require_finite(logits)
         if byte < 0:
             from .native import SAMPLE_ERRORS
             raise ValueError(f"the C sampler refused the call: {SAMPLE_ERRORS.get(byte, byte)}")

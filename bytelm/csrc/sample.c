@@ -40,7 +40,8 @@ static float softmax(const float *logits, float *probs, int n) {
  * temperature 0 = greedy (argmax after the penalty; u unused). top_k <= 0 or >= V, top_p >= 1, min_p <= 0 and
  * penalty == 1 each switch their filter off. Returns the byte, or a negative code (nothing read) for a call it
  * refuses: -1 V not in 1..256 or no logits, -2 recent missing or n_recent < 0, -3 a setting out of range
- * (temperature < 0, penalty <= 0, min_p > 1, or NaN), -4 u outside [0, 1). */
+ * (temperature < 0, penalty <= 0, min_p > 1, or NaN), -4 u outside [0, 1), -5 a logit that is NaN or infinite
+ * (checked in the copy below, so the caller need not scan the logits first). */
 int bytelm_sample(const float *logits_in, int V, const unsigned char *recent, int n_recent, float penalty,
                   float temperature, int top_k, double top_p, double min_p, double u) {
     if (!logits_in || V <= 0 || V > MAX_VOCAB) return -1;
@@ -48,7 +49,10 @@ int bytelm_sample(const float *logits_in, int V, const unsigned char *recent, in
     if (!(temperature >= 0.0f) || !(penalty > 0.0f) || top_p != top_p || !(min_p <= 1.0)) return -3;
     if (!(u >= 0.0 && u < 1.0)) return -4;
     float logits[MAX_VOCAB], probs[MAX_VOCAB];
-    for (int i = 0; i < V; i++) logits[i] = logits_in[i];
+    for (int i = 0; i < V; i++) {
+        if (!isfinite(logits_in[i])) return -5;
+        logits[i] = logits_in[i];
+    }
 
     /* repetition penalty: once per distinct byte, however often it occurs */
     if (penalty != 1.0f && n_recent > 0) {
