@@ -7,7 +7,7 @@ The work is done by bytelm.cli.generate.demo_main; this file only dispatches.
 """
 import sys
 
-from bytelm.errors import run_cli
+from bytelm.cli.run import run_cli
 from bytelm.cli.generate import demo_main
 
 if __name__ == "__main__":

@@ -8,16 +8,16 @@ From Python, the upstream API:
     generator = ByteLevelGenerator("byte_llm_model.pt", InferenceConfig(max_new_bytes=512, temperature=0.8))
     print(generator.generate("The future of AI is"))
 
-Everything real lives in bytelm.generation and bytelm.repl; this file only re-exports and dispatches.
+Everything real lives in bytelm.infer.generation and bytelm.cli.chat; this file only re-exports and dispatches.
 """
 import sys
 
-from bytelm.generation import ByteLevelGenerator, InferenceConfig
+from bytelm.infer.generation import ByteLevelGenerator, InferenceConfig
 
 __all__ = ["ByteLevelGenerator", "InferenceConfig"]
 
 if __name__ == "__main__":
-    import bytelm.repl
-    from bytelm.errors import run_cli
+    import bytelm.cli.chat
+    from bytelm.cli.run import run_cli
 
-    sys.exit(run_cli(bytelm.repl.main))
+    sys.exit(run_cli(bytelm.cli.chat.main))

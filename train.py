@@ -5,12 +5,12 @@
     python train.py --resume                     # continue after a crash or Ctrl-C
     torchrun --nproc_per_node=2 train.py         # several processes or GPUs (DDP)
 
-The command line is bytelm.cli.train, the loop bytelm.training; docs/training.md explains the run, its files and
+The command line is bytelm.cli.train, the loop bytelm.train.loop; docs/training.md explains the run, its files and
 its defaults.
 """
 import sys
 
-from bytelm.errors import run_cli
+from bytelm.cli.run import run_cli
 from bytelm.cli.train import main
 
 if __name__ == "__main__":

@@ -30,10 +30,10 @@ import torch  # noqa: E402
 
 from common import SHAKESPEARE, markdown_table, matmul_peak_gflops, report  # noqa: E402
 from bytelm.checkpoint import load_model  # noqa: E402
-from bytelm.compress import compress_bytes, decompress_bytes, read_header, step_rows  # noqa: E402
-from bytelm.corpus import load_corpus  # noqa: E402
-from bytelm.distributed import auto_threads  # noqa: E402
-from bytelm.score import score_bytes  # noqa: E402
+from bytelm.codec.compress import compress_bytes, decompress_bytes, read_header, step_rows  # noqa: E402
+from bytelm.data.corpus import load_corpus  # noqa: E402
+from bytelm.train.distributed import auto_threads  # noqa: E402
+from bytelm.codec.score import score_bytes  # noqa: E402
 
 TOOLS = [  # name, compress command, decompress command (stdin -> stdout)
     ("gzip -9", ["gzip", "-9", "-c"], ["gzip", "-d", "-c"]),
@@ -108,8 +108,8 @@ def score_flops_per_byte(model, stride: int) -> float:
 
 
 def train_model(out: Path, quick: bool) -> Path:
-    from bytelm.train_config import TrainConfig
-    from bytelm.training import train
+    from bytelm.train.config import TrainConfig
+    from bytelm.train.loop import train
     overrides = dict(data=str(SHAKESPEARE), out=str(out), plot=False, sample_bytes=0, val_fraction=0.1)
     cfg = TrainConfig.from_preset("tiny" if quick else "cpu10", **overrides)
     train(cfg, progress=False, command="bench/bench_compress.py")

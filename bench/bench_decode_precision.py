@@ -21,8 +21,8 @@ import torch  # noqa: E402
 
 from common import SHAKESPEARE, markdown_table, report  # noqa: E402
 from bytelm.checkpoint import load_model  # noqa: E402
-from bytelm.decode import FastDecoder  # noqa: E402
-from bytelm import native  # noqa: E402
+from bytelm.infer.step import FastDecoder  # noqa: E402
+from bytelm.infer import native# noqa: E402
 
 
 def run(model, decoder: FastDecoder, text: bytes) -> tuple[float, list[int], float]:

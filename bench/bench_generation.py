@@ -23,11 +23,11 @@ import torch  # noqa: E402
 
 from common import markdown_table, peak_rss_mb, report  # noqa: E402
 from bytelm.config import ModelConfig  # noqa: E402
-from bytelm.decode import FastDecoder  # noqa: E402
-from bytelm.generation import ByteLevelGenerator, InferenceConfig  # noqa: E402
+from bytelm.infer.step import FastDecoder  # noqa: E402
+from bytelm.infer.generation import ByteLevelGenerator, InferenceConfig  # noqa: E402
 from bytelm.model import ByteLM  # noqa: E402
-from bytelm import native  # noqa: E402
-from bytelm.sampling import CSampler, sample_next  # noqa: E402
+from bytelm.infer import native# noqa: E402
+from bytelm.infer.sampling import CSampler, sample_next  # noqa: E402
 
 PROMPT = (b"The quick brown fox jumps over the lazy dog. Byte-level models read"[:64])
 

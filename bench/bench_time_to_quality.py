@@ -5,7 +5,7 @@
     python bench/bench_time_to_quality.py --seeds 1337,1,2          # three runs of 600 s, a row each and the mean
     python bench/bench_time_to_quality.py n_layer=6                 # the preset with TrainConfig overrides
 
-Each run is `train.py --preset cpu10` (bytelm.train_config.TRAIN_PRESETS): the first 90% of the file trains,
+Each run is `train.py --preset cpu10` (bytelm.train.config.TRAIN_PRESETS): the first 90% of the file trains,
 the last 10% validates, as nanoGPT's prepare.py splits it. The budget covers everything that the score needs:
 loading the data, timing the final evaluation's reserve, training, its periodic evaluations and the final
 evaluation of the best checkpoint on the WHOLE validation split over consecutive windows of seq_len bytes
@@ -29,15 +29,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from common import SHAKESPEARE, markdown_table, report  # noqa: E402
-from bytelm.batches import SlidingBatches, eval_batches  # noqa: E402
+from bytelm.data.batches import SlidingBatches, eval_batches  # noqa: E402
 from bytelm.checkpoint import load_model  # noqa: E402
-from bytelm.corpus import load_corpus  # noqa: E402
-from bytelm.distributed import auto_threads  # noqa: E402
-from bytelm.evaluate import evaluate  # noqa: E402
-from bytelm.metrics import bits_per_byte  # noqa: E402
+from bytelm.data.corpus import load_corpus  # noqa: E402
+from bytelm.train.distributed import auto_threads  # noqa: E402
+from bytelm.train.evaluate import evaluate  # noqa: E402
+from bytelm.train.metrics import bits_per_byte  # noqa: E402
 from bytelm.model import ByteLM  # noqa: E402
-from bytelm.train_config import TRAIN_PRESETS, TrainConfig  # noqa: E402
-from bytelm.training import train  # noqa: E402
+from bytelm.train.config import TRAIN_PRESETS, TrainConfig  # noqa: E402
+from bytelm.train.loop import train  # noqa: E402
 
 # The final evaluation's reserve: its forward passes timed on a few batches before training, times this margin
 # (the machine may be slower by then), plus LOAD_S for loading the best checkpoint; never more than

@@ -27,8 +27,8 @@ from common import markdown_table, matmul_peak_gflops, peak_rss_mb, report  # no
 from bytelm.config import ModelConfig  # noqa: E402
 from bytelm.device import autocast, cpu_has_fast_bf16  # noqa: E402
 from bytelm.model import ByteLM  # noqa: E402
-from bytelm.optim import build_optimizers  # noqa: E402
-from bytelm.training import use_private_compile_cache  # noqa: E402
+from bytelm.train.optim import build_optimizers  # noqa: E402
+from bytelm.train.loop import use_private_compile_cache  # noqa: E402
 
 
 def flops_per_byte(model: ByteLM, seq_len: int) -> float:
@@ -43,7 +43,7 @@ def time_steps(cfg: ModelConfig, batch: int, seq_len: int, dtype: str, compile_m
     model = ByteLM(cfg)
     optimizers = build_optimizers(model, muon_lr=0.01, adam_lr=0.001)
     if compile_model:
-        use_private_compile_cache("")  # as training does: bytelm.training
+        use_private_compile_cache("")  # as training does: bytelm.train.loop
     model.compile_blocks(compile_model)
     g = torch.Generator().manual_seed(0)
     device = torch.device("cpu")

@@ -19,8 +19,8 @@ import torch  # noqa: E402
 
 from bytelm.config import ModelConfig  # noqa: E402
 from bytelm.model import ByteLM  # noqa: E402
-from bytelm.optim import build_optimizers  # noqa: E402
-from bytelm.training import use_private_compile_cache  # noqa: E402
+from bytelm.train.optim import build_optimizers  # noqa: E402
+from bytelm.train.loop import use_private_compile_cache  # noqa: E402
 
 
 def main() -> None:
@@ -44,7 +44,7 @@ def main() -> None:
                                 value_embeds=args.value_embeds))
     optimizers = build_optimizers(model, muon_lr=0.01, adam_lr=0.001)
     if not args.eager:
-        use_private_compile_cache("")  # as training does: bytelm.training
+        use_private_compile_cache("")  # as training does: bytelm.train.loop
     model.compile_blocks(not args.eager)
     x = torch.randint(0, 256, (args.batch, args.seq))
     y = torch.randint(0, 256, (args.batch, args.seq))

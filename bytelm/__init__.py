@@ -2,25 +2,25 @@
 
     from bytelm import ByteLM, ModelConfig, load_model, save_checkpoint
     from bytelm import ByteLevelGenerator, InferenceConfig      # generation
-    from bytelm import score_bytes, entropy_patches             # per-byte surprisal (bytelm.score)
-    from bytelm import compress_bytes, decompress_bytes         # lossless, with a model (bytelm.compress)
+    from bytelm import score_bytes, entropy_patches             # per-byte surprisal (bytelm.codec.score)
+    from bytelm import compress_bytes, decompress_bytes         # lossless, with a model (bytelm.codec.compress)
 """
-from .checkpoint import DEFAULT_PATH, load_model, save_checkpoint
-from .config import ModelConfig
-from .errors import BytelmError, CheckpointError, DataError
-from .model import ByteLM, KVCache
+from bytelm.checkpoint import DEFAULT_PATH, load_model, save_checkpoint
+from bytelm.config import ModelConfig
+from bytelm.errors import BytelmError, CheckpointError, DataError
+from bytelm.model import ByteLM, KVCache
 
 __version__ = "0.1.0"
 
 # Heavier parts load on first use, so `import bytelm` stays light.
 _LAZY = {
-    "ByteLevelGenerator": "bytelm.generation",
-    "InferenceConfig": "bytelm.generation",
-    "score_bytes": "bytelm.score",
-    "ByteScores": "bytelm.score",
-    "entropy_patches": "bytelm.score",
-    "compress_bytes": "bytelm.compress",
-    "decompress_bytes": "bytelm.compress",
+    "ByteLevelGenerator": "bytelm.infer.generation",
+    "InferenceConfig": "bytelm.infer.generation",
+    "score_bytes": "bytelm.codec.score",
+    "ByteScores": "bytelm.codec.score",
+    "entropy_patches": "bytelm.codec.score",
+    "compress_bytes": "bytelm.codec.compress",
+    "decompress_bytes": "bytelm.codec.compress",
 }
 
 

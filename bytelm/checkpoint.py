@@ -5,7 +5,7 @@ File layout (a torch.save'd dict, loaded with weights_only=True so no pickled ob
     version        FORMAT_VERSION       bumped whenever the layout changes; newer files are refused
     model_config   ModelConfig as dict  enough to rebuild the model with no other file
     model          state_dict           weights of the uncompiled, unwrapped module
-    train_state    dict or absent       optimizer, step, RNG, data position, metrics (see bytelm.resume)
+    train_state    dict or absent       optimizer, step, RNG, data position, metrics (see bytelm.train.resume)
 """
 from __future__ import annotations
 
@@ -20,11 +20,11 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from .config import ModelConfig
-from .device import require_memory
-from .errors import BytelmError, CheckpointError
-from .files import atomic_write
-from .model import ByteLM, model_memory
+from bytelm.config import ModelConfig
+from bytelm.device import require_memory
+from bytelm.errors import BytelmError, CheckpointError
+from bytelm.files import atomic_write
+from bytelm.model import ByteLM, model_memory
 
 FORMAT_NAME = "bytelm"
 FORMAT_VERSION = 1

@@ -1,12 +1,12 @@
 """Model configuration: one typed dataclass, validated, serialisable to a plain dict for checkpoints.
 
-Training settings live in `bytelm.train_config` (TrainConfig and its presets).
+Training settings live in `bytelm.train.config` (TrainConfig and its presets).
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from .errors import BytelmError, check_field_types, invalid
+from bytelm.errors import BytelmError, check_field_types, invalid
 
 VOCAB_SIZE = 256  # raw bytes: every value 0..255 is a token, there are no special ids
 

@@ -22,8 +22,8 @@ import re
 
 import torch
 
-from .errors import BytelmError
-from .memory import format_bytes, memory_limit
+from bytelm.errors import BytelmError
+from bytelm.memory import format_bytes, memory_limit
 
 
 def pick_device(name: str | None = None) -> torch.device:

@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ModelConfig
-from .device import require_memory
+from bytelm.config import ModelConfig
+from bytelm.device import require_memory
 
 
 def weight_count(config: ModelConfig) -> int:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from bytelm.batches import IGNORE, BatchSampler, SlidingBatches, eval_batches
+from bytelm.data.batches import IGNORE, BatchSampler, SlidingBatches, eval_batches
 from bytelm.errors import DataError
 
 

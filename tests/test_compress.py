@@ -1,4 +1,4 @@
-"""bytelm.compress, bytelm.container, bytelm.batch_step and `bytelm compress|decompress`.
+"""bytelm.codec.compress, bytelm.codec.container, bytelm.infer.batch_step and `bytelm compress|decompress`.
 
     .venv/bin/python -m pytest -q tests/test_compress.py
 """
@@ -20,12 +20,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bytelm import ByteLM, ModelConfig, save_checkpoint
-from bytelm.batch_step import BatchStep
-from bytelm.compress import (PRECISION, compress_bytes, decompress_bytes, model_fingerprint, quantize,
+from bytelm.infer.batch_step import BatchStep
+from bytelm.codec.compress import (PRECISION, compress_bytes, decompress_bytes, model_fingerprint, quantize,
                              read_header, step_rows)
 from bytelm.config import MODEL_PRESETS
-from bytelm.container import FORMAT_VERSION, MAGIC, ContainerError
-from bytelm.score import score_bytes
+from bytelm.codec.container import FORMAT_VERSION, MAGIC, ContainerError
+from bytelm.codec.score import score_bytes
 
 pytest.importorskip("constriction")
 

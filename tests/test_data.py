@@ -17,13 +17,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import bytelm.corpus as corpus_mod
-import bytelm.hf_stream as hf_mod
+import bytelm.data.corpus as corpus_mod
+import bytelm.data.hf_stream as hf_mod
 from bytelm.config import DOC_SEPARATOR
-from bytelm.corpus import Corpus, check_size, load_corpus, load_stream
+from bytelm.data.corpus import Corpus, check_size, load_corpus, load_stream
 from bytelm.errors import DataError
-from bytelm.hf_stream import stream_documents
-from bytelm.split import build, val_target
+from bytelm.data.hf_stream import stream_documents
+from bytelm.data.split import build, val_target
 
 from conftest import TINY_DOCS
 
@@ -250,7 +250,7 @@ def builtin_builds(tmp_path_factory):
     """The builtin corpus built twice, independently: here, and in a subprocess with another hash seed (set
     or dict order leaking into the corpus would show). Concurrent, to halve the wait."""
     other_cache = tmp_path_factory.mktemp("other_cache")
-    code = "import sys, bytelm.corpus as d; print(d.load_corpus('builtin', cache_dir=sys.argv[1]).info['sha256'])"
+    code = "import sys, bytelm.data.corpus as d; print(d.load_corpus('builtin', cache_dir=sys.argv[1]).info['sha256'])"
     proc = subprocess.Popen([sys.executable, "-c", code, str(other_cache)], stdout=subprocess.PIPE, text=True,
                             env=dict(os.environ, PYTHONHASHSEED="12345"))
     here = load_corpus("builtin", cache_dir=str(tmp_path_factory.mktemp("cache")))

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-import bytelm.sources as sources_mod
-from bytelm.corpus import load_corpus
+import bytelm.data.sources as sources_mod
+from bytelm.data.corpus import load_corpus
 from bytelm.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ def looped_tree(tmp_path) -> Path:
     return root
 
 
-LIST = ("import sys, json\nfrom bytelm.sources import list_files\n"
+LIST = ("import sys, json\nfrom bytelm.data.sources import list_files\n"
         "print(json.dumps([str(p) for p, _ in list_files(sys.argv[1])]))")
 
 
@@ -142,7 +142,7 @@ def test_a_parquet_page_damaged_after_a_good_footer_is_one_line(tmp_path):
 LIMITED = """
 import resource, sys
 import numpy as np
-from bytelm.batches import BatchSampler, SlidingBatches, eval_batches
+from bytelm.data.batches import BatchSampler, SlidingBatches, eval_batches
 from bytelm.errors import DataError
 kind, batch_size, seq_len, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 data = np.zeros(n, dtype=np.uint8)

@@ -1,4 +1,4 @@
-"""The fast one-byte decode step (bytelm/decode.py, and its C kernel bytelm/csrc/decode_step.c) against the
+"""The fast one-byte decode step (bytelm/infer/step.py, and its C kernel bytelm/infer/csrc/decode_step.c) against the
 reference ByteLM.forward: the same logits and the same cache contents, step after step; the generator's
 output unchanged by it; and a clear fallback to torch when the C step can't be built."""
 import os
@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from bytelm.config import ModelConfig
-from bytelm.decode import FastDecoder
-from bytelm.generation import ByteLevelGenerator
+from bytelm.infer.step import FastDecoder
+from bytelm.infer.generation import ByteLevelGenerator
 from bytelm.model import ByteLM
-from bytelm.native import library, status
+from bytelm.infer.native import library, status
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_COMPILER = any(shutil.which(c) for c in ("gcc", "cc", "clang"))
@@ -233,7 +233,7 @@ def test_weights_changed_between_generations_are_seen():
 @pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler on this machine")
 def test_kernel_is_built_once_and_cached(tmp_path):
     assert library() is not None, status()
-    code = ("from bytelm.native import library, status; library(); print(status())")
+    code = ("from bytelm.infer.native import library, status; library(); print(status())")
     env = dict(os.environ, BYTELM_CACHE=str(tmp_path))
     first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO)
     second = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO)
@@ -249,7 +249,7 @@ def test_kernel_is_built_once_and_cached(tmp_path):
 def test_without_the_kernel_generation_falls_back_to_torch(tmp_path, env, expect):
     code = ("import torch\n"
             "from bytelm.config import ModelConfig\nfrom bytelm.model import ByteLM\n"
-            "from bytelm.generation import ByteLevelGenerator\nfrom bytelm.native import status\n"
+            "from bytelm.infer.generation import ByteLevelGenerator\nfrom bytelm.infer.native import status\n"
             "torch.manual_seed(0)\n"
             "g = ByteLevelGenerator(ByteLM(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=16)))\n"
             "out = g.generate_bytes(b'hi', temperature=0, max_new_bytes=30, stop_at_separator=False)\n"
@@ -269,7 +269,7 @@ def test_without_the_kernel_generation_falls_back_to_torch(tmp_path, env, expect
 def test_a_cached_library_others_can_write_is_never_loaded(tmp_path):
     """Loading a library runs its code: one that another user could have replaced is refused, and generation
     still works through the torch step."""
-    code = ("import torch\nfrom bytelm.native import library, status\n"
+    code = ("import torch\nfrom bytelm.infer.native import library, status\n"
             "print(library() is not None, status(), sep='|')\n")
     env = dict(os.environ, BYTELM_CACHE=str(tmp_path))
     first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO)

@@ -26,14 +26,15 @@ import pytest
 import torch
 
 import bytelm.checkpoint as ckpt_mod
-import bytelm.training as training
+import bytelm.train.loop as training
 from bytelm.checkpoint import load_model, read_checkpoint
 from bytelm.cli.train import main
-from bytelm.errors import BytelmError, run_cli
-from bytelm.metrics import MetricsLog, read_metrics
+from bytelm.cli.run import run_cli
+from bytelm.errors import BytelmError
+from bytelm.train.metrics import MetricsLog, read_metrics
 from bytelm.model import ByteLM
-from bytelm.run_files import RunPaths, lock_path, run_lock
-from bytelm.training import NonFiniteLoss, TrainConfig, train
+from bytelm.train.run_files import RunPaths, lock_path, run_lock
+from bytelm.train.loop import NonFiniteLoss, TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -115,7 +116,7 @@ _SERVER = r"""
 import json, os, sys, traceback
 import bytelm.cli.train as train_cli
 import torch._dynamo, tqdm  # imported by the optimizers' constructor and the loop: 2.5 s, once here
-from bytelm.errors import run_cli
+from bytelm.cli.run import run_cli
 done = {}
 for line in sys.stdin:
     cmd, arg = json.loads(line)

@@ -25,9 +25,9 @@ from hypothesis import strategies as st
 
 from bytelm.checkpoint import load_model, save_checkpoint
 from bytelm.errors import CheckpointError
-from bytelm.generation import ByteLevelGenerator, InferenceConfig
+from bytelm.infer.generation import ByteLevelGenerator, InferenceConfig
 from bytelm.model import ByteLM
-from bytelm.repl import ALIASES, COMMANDS, Repl
+from bytelm.cli.chat import ALIASES, COMMANDS, Repl
 from tiny import TINY, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,7 +47,7 @@ def one_thread():
 
 
 def assert_settings_in_range(c: InferenceConfig) -> None:
-    """Every setting has its documented type and range (bytelm.generation.InferenceConfig)."""
+    """Every setting has its documented type and range (bytelm.infer.generation.InferenceConfig)."""
     def num(v):
         return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
 

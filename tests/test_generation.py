@@ -15,10 +15,11 @@ import torch
 from bytelm.checkpoint import save_checkpoint
 from bytelm.cli.generate import demo_main, main
 from bytelm.config import DOC_SEPARATOR, ModelConfig
-from bytelm.errors import BytelmError, run_cli
-from bytelm.generation import ByteLevelGenerator, InferenceConfig, decode_stream
+from bytelm.cli.run import run_cli
+from bytelm.errors import BytelmError
+from bytelm.infer.generation import ByteLevelGenerator, InferenceConfig, decode_stream
 from bytelm.model import ByteLM, KVCache
-from bytelm.native import library as native_library
+from bytelm.infer.native import library as native_library
 from tiny import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -319,7 +320,7 @@ def test_loading_and_generating_do_not_import_the_compiler(tiny_checkpoint):
     """torch._dynamo takes about 2 s to import here, and generation needs nothing from it; it came in through
     the attention custom op's first call and through checking a checkpoint's weights against a meta-device
     model. Every CLI that loads a model would wait for it before the first byte."""
-    code = ("import sys\nfrom bytelm.generation import ByteLevelGenerator, InferenceConfig\n"
+    code = ("import sys\nfrom bytelm.infer.generation import ByteLevelGenerator, InferenceConfig\n"
             f"g = ByteLevelGenerator({str(tiny_checkpoint)!r}, InferenceConfig(max_new_bytes=80, "
             "stop_at_separator=False), device='cpu')\n"
             "n = sum(1 for _ in g.stream_bytes(b'hello'))\n"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bytelm.checkpoint import load_model
-from bytelm.generation import DECODE_STEPS, ByteLevelGenerator, InferenceConfig
+from bytelm.infer.generation import DECODE_STEPS, ByteLevelGenerator, InferenceConfig
 
 GOLDEN = Path(__file__).with_name("golden")
 EXPECTED = json.loads((GOLDEN / "expected.json").read_text())

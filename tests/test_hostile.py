@@ -28,10 +28,11 @@ from bytelm.checkpoint import FORMAT_VERSION, save_checkpoint
 from bytelm.cli.generate import main as generate_main
 from bytelm.cli.terminal import visible
 from bytelm.config import ModelConfig
-from bytelm.errors import BytelmError, run_cli
-from bytelm.generation import DECODE_STEPS, ByteLevelGenerator, InferenceConfig
+from bytelm.cli.run import run_cli
+from bytelm.errors import BytelmError
+from bytelm.infer.generation import DECODE_STEPS, ByteLevelGenerator, InferenceConfig
 from bytelm.model import ByteLM
-from bytelm.native import library
+from bytelm.infer.native import library
 from tiny import TINY, save_tiny_checkpoint, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]

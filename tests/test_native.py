@@ -1,4 +1,4 @@
-"""The C library's cache and entry points (bytelm/native.py, bytelm/csrc/): wrong calls from Python are refused
+"""The C library's cache and entry points (bytelm/infer/native.py, bytelm/infer/csrc/): wrong calls from Python are refused
 with a clear ValueError before any memory is touched; a damaged cached library is rebuilt instead of crashing
 every command; the cache's folders must be this user's; a failed build says so on stderr once; and commands
 that generate nothing never load native code. Everything that could crash runs in a subprocess, with its own
@@ -52,7 +52,7 @@ def checkpoint(tmp_path_factory) -> Path:
 def template_cache(tmp_path_factory) -> Path:
     """A cache with the library built once (in a subprocess), for the tests to copy."""
     cache = tmp_path_factory.mktemp("native_template")
-    done = run("from bytelm import native\nassert native.library() is not None, native.status()", cache)
+    done = run("from bytelm.infer import native\nassert native.library() is not None, native.status()", cache)
     assert done.returncode == 0, done.stderr
     return cache
 
@@ -69,10 +69,10 @@ def built_library(template: Path, cache: Path) -> Path:
 WRONG_CALLS = r'''
 import ctypes, torch
 from bytelm.config import ModelConfig
-from bytelm.decode import FastDecoder
+from bytelm.infer.step import FastDecoder
 from bytelm.model import ByteLM, KVCache
-from bytelm.native import DecodeRow, DecodeStep, library
-from bytelm.sampling import CSampler, SamplingSettings
+from bytelm.infer.native import DecodeRow, DecodeStep, library
+from bytelm.infer.sampling import CSampler, SamplingSettings
 
 torch.manual_seed(0)
 model = ByteLM(ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=8)).eval()
@@ -246,7 +246,7 @@ def test_a_library_cut_short_is_rebuilt_and_no_command_crashes(tmp_path, checkpo
     assert "decode step C" in gen.stderr  # the rebuilt library runs the generation
     rebuilt = lib.read_bytes()
     assert hashlib.sha256(rebuilt).hexdigest() == lib.with_name(lib.name + ".sha256").read_text().strip()
-    again = run("from bytelm import native\nnative.library()\nprint(native.status())", tmp_path)
+    again = run("from bytelm.infer import native\nnative.library()\nprint(native.status())", tmp_path)
     assert again.stdout.startswith("loaded from cache: "), again.stdout + again.stderr
     assert again.stderr == ""
 
@@ -264,7 +264,7 @@ def test_other_damage_is_rebuilt(tmp_path, damage, template_cache):
         record.unlink()
     else:
         lib.write_bytes(b"")
-    done = run("from bytelm import native\nprint(native.library() is not None, native.status(), sep='|')", tmp_path)
+    done = run("from bytelm.infer import native\nprint(native.library() is not None, native.status(), sep='|')", tmp_path)
     assert not crashed(done) and done.returncode == 0, done.stderr
     assert done.stdout.startswith("True|compiled: "), done.stdout + done.stderr
     assert hashlib.sha256(lib.read_bytes()).hexdigest() == record.read_text().strip()
@@ -301,7 +301,7 @@ def test_a_cache_under_a_folder_others_can_write_is_refused(tmp_path):
     open_folder = tmp_path / "open"
     open_folder.mkdir()
     open_folder.chmod(0o777)
-    code = "from bytelm import native\nprint(native.library() is not None, native.status(), sep='|')"
+    code = "from bytelm.infer import native\nprint(native.library() is not None, native.status(), sep='|')"
     done = run(code, open_folder / "cache")
     assert done.returncode == 0, done.stderr
     loaded, state = done.stdout.strip().split("|")
@@ -317,7 +317,7 @@ def test_a_cache_under_a_folder_others_can_write_is_refused(tmp_path):
 def test_a_cache_folder_of_another_user_is_refused(tmp_path, template_cache):
     lib = built_library(template_cache, tmp_path / "cache")
     os.chown(lib.parent.parent, 12345, 12345)  # the cache root now belongs to someone else
-    done = run("from bytelm import native\nprint(native.library() is not None, native.status(), sep='|')",
+    done = run("from bytelm.infer import native\nprint(native.library() is not None, native.status(), sep='|')",
                tmp_path / "cache")
     assert done.stdout.startswith("False|") and "belongs to another user" in done.stdout, done.stdout + done.stderr
 
@@ -325,7 +325,7 @@ def test_a_cache_folder_of_another_user_is_refused(tmp_path, template_cache):
 # -- a failed build is visible, once; no compiler and BYTELM_NATIVE=0 are quiet -------------------------------
 
 GENERATE_TWICE = ("import torch\nfrom bytelm.config import ModelConfig\nfrom bytelm.model import ByteLM\n"
-                  "from bytelm.generation import ByteLevelGenerator\nfrom bytelm import native\n"
+                  "from bytelm.infer.generation import ByteLevelGenerator\nfrom bytelm.infer import native\n"
                   "torch.manual_seed(0)\n"
                   "g = ByteLevelGenerator(ByteLM(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=16)))\n"
                   "for _ in range(2):\n"

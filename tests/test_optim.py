@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-import bytelm.optim as optim_mod
+import bytelm.train.optim as optim_mod
 from bytelm.config import ModelConfig
 from bytelm.model import ByteLM
-from bytelm.optim import Muon, build_optimizers, newton_schulz, normalize_neurons, split_params
-from bytelm.schedule import lr_scale, muon_momentum
+from bytelm.train.optim import Muon, build_optimizers, newton_schulz, normalize_neurons, split_params
+from bytelm.train.schedule import lr_scale, muon_momentum
 
 TINY = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64)
 HIDDEN = {"attn.qkv.weight", "attn.proj.weight", "mlp.fc.weight", "mlp.proj.weight"}

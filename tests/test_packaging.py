@@ -1,5 +1,5 @@
 """A wheel built from the repository, installed outside it, imports, and builds and loads the C library: every
-file the native build reads is shipped (bytelm/csrc/*.h was not, and every non-editable install silently lost
+file the native build reads is shipped (bytelm/infer/csrc/*.h was not, and every non-editable install silently lost
 the C decode step and sampler)."""
 import json
 import os
@@ -37,9 +37,9 @@ def test_installed_wheel_builds_and_loads_the_c_library(tmp_path):
     done = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target",
                            str(site), str(wheel)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    from bytelm.native import HEADERS, SOURCES
+    from bytelm.infer.native import HEADERS, SOURCES
     for path in SOURCES + HEADERS:  # every file the build reads, shipped
-        assert (site / "bytelm" / "csrc" / path.name).is_file(), path.name
+        assert (site / "bytelm" / "infer" / "csrc" / path.name).is_file(), path.name
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

@@ -22,15 +22,16 @@ import pytest
 import torch
 
 import bytelm.checkpoint as ckpt_mod
-import bytelm.documents as documents_mod
-import bytelm.sources as sources_mod
+import bytelm.data.documents as documents_mod
+import bytelm.data.sources as sources_mod
 from bytelm.checkpoint import FORMAT_VERSION, load_model, read_checkpoint, save_checkpoint
 from bytelm.config import ModelConfig
-from bytelm.errors import CheckpointError, run_cli
+from bytelm.cli.run import run_cli
+from bytelm.errors import CheckpointError
 from bytelm.model import ByteLM
 from bytelm.cli.train import main
-from bytelm.run_files import RunPaths
-from bytelm.training import TrainConfig, train
+from bytelm.train.run_files import RunPaths
+from bytelm.train.loop import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64)
@@ -392,7 +393,7 @@ def make_tiny_files(root: Path, n: int) -> Path:
 def many_files_trial(root: Path, n: int) -> dict:
     """Load a folder of n tiny files in a fresh process; returns seconds, peak RSS growth (MB) and the summary."""
     make_tiny_files(root, n)
-    script = ("import resource, sys, time, json\nfrom bytelm.corpus import load_corpus\n"
+    script = ("import resource, sys, time, json\nfrom bytelm.data.corpus import load_corpus\n"
               "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\nt = time.perf_counter()\n"
               "c = load_corpus(sys.argv[1], cache_dir=sys.argv[2])\n"
               "print(json.dumps({'seconds': time.perf_counter() - t, 'documents': c.info['documents'], "

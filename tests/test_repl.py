@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from bytelm.generation import ByteLevelGenerator, InferenceConfig
-from bytelm.repl import COMMANDS, Repl
+from bytelm.infer.generation import ByteLevelGenerator, InferenceConfig
+from bytelm.cli.chat import COMMANDS, Repl
 from tiny import save_tiny_checkpoint, tiny_model
 
 pty = pytest.importorskip("pty")

@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 
 from bytelm.checkpoint import atomic_save, read_checkpoint
 from bytelm.cli.train import main
-from bytelm.errors import run_cli
-from bytelm.run_files import RunPaths
+from bytelm.cli.run import run_cli
+from bytelm.train.run_files import RunPaths
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("the quick brown fox jumps over the lazy dog while a small bird sings in the old tree and "

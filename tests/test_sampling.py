@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bytelm.sampling import (CSampler, SamplingSettings, apply_repetition_penalty, apply_temperature, draw,
+from bytelm.infer.sampling import (CSampler, SamplingSettings, apply_repetition_penalty, apply_temperature, draw,
                              filter_logits, filter_min_p, filter_top_k, filter_top_p, sample_next)
 
 # Probabilities 0.5, 0.3, 0.15, 0.05 as logits: boundaries for top-p / min-p are easy to reason about.
@@ -193,7 +193,7 @@ C_SAMPLER = CSampler.create(SamplingSettings())
        n_recent=st.sampled_from([0, 1, 64]), scale=st.sampled_from([0.5, 3.0, 10.0]), ties=st.booleans())
 def test_c_sampler_chooses_the_same_byte_as_sample_next(seed, k, p, min_p, temperature, penalty, n_recent, scale,
                                                         ties):
-    """The generator's C path (bytelm/csrc/sample.c) and sample_next agree byte for byte for one seed, and
+    """The generator's C path (bytelm/infer/csrc/sample.c) and sample_next agree byte for byte for one seed, and
     leave the generator in the same state; also where many logits tie (rounded to a few values), so that
     which tied bytes top-k keeps and top-p cuts must agree too."""
     logits = torch.randn(256, generator=torch.Generator().manual_seed(seed)) * scale

@@ -1,4 +1,4 @@
-"""bytelm.score and `bytelm score`: per-byte surprisal, entropy and rank; sliding windows; entropy patches.
+"""bytelm.codec.score and `bytelm score`: per-byte surprisal, entropy and rank; sliding windows; entropy patches.
 
     .venv/bin/python -m pytest -q tests/test_score.py
 """
@@ -17,7 +17,7 @@ import torch
 from bytelm import ByteLM, ModelConfig, save_checkpoint
 from bytelm.config import MODEL_PRESETS
 from bytelm.errors import BytelmError
-from bytelm.score import entropy_patches, score_bytes, window_plan
+from bytelm.codec.score import entropy_patches, score_bytes, window_plan
 
 
 def random_model(seed: int = 0, **overrides) -> ByteLM:

@@ -1,4 +1,4 @@
-"""The HTTP API (bytelm/server.py, bytelm/api.py) and its engine (bytelm/batching.py), on a tiny random model:
+"""The HTTP API (bytelm/serve/app.py, bytelm/serve/api.py) and its engine (bytelm/serve/engine.py), on a tiny random model:
 every route, streaming, logprobs, seeds, stop sequences, every kind of bad input, limits, the API key, a full
 queue, a client that goes away, and `bytelm serve` as a real subprocess on a loopback port.
 
@@ -24,11 +24,11 @@ httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from bytelm.batching import Engine, GenerationRequest, Piece, TextAssembler  # noqa: E402
+from bytelm.serve.engine import Engine, GenerationRequest, Piece, TextAssembler  # noqa: E402
 from bytelm.checkpoint import save_checkpoint  # noqa: E402
-from bytelm.decode import FastDecoder  # noqa: E402
-from bytelm.generation import ByteLevelGenerator, InferenceConfig  # noqa: E402
-from bytelm.server import ServeSettings, create_app  # noqa: E402
+from bytelm.infer.step import FastDecoder  # noqa: E402
+from bytelm.infer.generation import ByteLevelGenerator, InferenceConfig  # noqa: E402
+from bytelm.serve.app import ServeSettings, create_app  # noqa: E402
 from tiny import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -196,7 +196,7 @@ def test_a_stop_sequence_ends_the_text_before_it(client):
 
 
 def test_score_gives_the_numbers_of_score_bytes(client):
-    from bytelm.score import entropy_patches, score_bytes
+    from bytelm.codec.score import entropy_patches, score_bytes
     text = "Hello, w\u00f6rld! Bytes are tokens."
     r = client.post("/v1/score", json={"text": text, "top_k": 3, "patches": True})
     assert r.status_code == 200, r.text

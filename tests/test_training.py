@@ -15,20 +15,21 @@ from pathlib import Path
 import pytest
 import torch
 
-import bytelm.schedule as schedule
-import bytelm.training as training
+import bytelm.train.schedule as schedule
+import bytelm.train.loop as training
 from bytelm.checkpoint import load_model, read_checkpoint
-from bytelm.batches import SlidingBatches, eval_batches
-from bytelm.corpus import load_corpus
-from bytelm.errors import BytelmError, run_cli
-from bytelm.metrics import bits_per_byte, read_metrics
+from bytelm.data.batches import SlidingBatches, eval_batches
+from bytelm.data.corpus import load_corpus
+from bytelm.cli.run import run_cli
+from bytelm.errors import BytelmError
+from bytelm.train.metrics import bits_per_byte, read_metrics
 from bytelm.model import ByteLM
 from bytelm.cli.train import build_parser, config_from_args, main
-from bytelm.distributed import auto_threads
-from bytelm.evaluate import evaluate
-from bytelm.run_files import RunPaths
-from bytelm.train_config import COMPILE_MIN_STEPS
-from bytelm.training import NonFiniteLoss, TrainConfig, train
+from bytelm.train.distributed import auto_threads
+from bytelm.train.evaluate import evaluate
+from bytelm.train.run_files import RunPaths
+from bytelm.train.config import COMPILE_MIN_STEPS
+from bytelm.train.loop import NonFiniteLoss, TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("the quick brown fox jumps over the lazy dog while a small bird sings in the old tree and "

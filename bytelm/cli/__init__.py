@@ -1,10 +1,10 @@
 """`bytelm` command: one subcommand per job, each owned by the module that does the job.
 
     bytelm train ...          train a model            (bytelm.cli.train)
-    bytelm chat MODEL         interactive prompt       (bytelm.repl)
+    bytelm chat MODEL         interactive prompt       (bytelm.cli.chat)
     bytelm generate MODEL     one generation to stdout (bytelm.cli.generate)
     bytelm info MODEL         describe a checkpoint    (bytelm.cli.info)
-    bytelm score MODEL FILE   bits per byte, per byte  (bytelm.cli.score, bytelm.score)
+    bytelm score MODEL FILE   bits per byte, per byte  (bytelm.cli.score, bytelm.codec.score)
 
 Each module has `main(argv, prog)`; this file only dispatches, so `bytelm X` and `python X.py` share code.
 Command lines that belong to no other module live beside this file, one module per command.
@@ -16,12 +16,12 @@ import importlib
 import sys
 from typing import Sequence
 
-from ..errors import run_cli
+from bytelm.cli.run import run_cli
 
 # name -> (module with main(argv, prog), one-line help). Imported lazily: `bytelm --help` stays instant.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("bytelm.cli.train", "train a byte-level model (same as python train.py)"),
-    "chat": ("bytelm.repl", "interactive prompt for a trained model (same as python inference.py MODEL)"),
+    "chat": ("bytelm.cli.chat", "interactive prompt for a trained model (same as python inference.py MODEL)"),
     "generate": ("bytelm.cli.generate", "print one generation for a prompt"),
     "info": ("bytelm.cli.info", "print a checkpoint's config, parameter count, step and metrics"),
     "env": ("bytelm.cli.env", "print versions, device, dtype, C library and cache (for a bug report)"),

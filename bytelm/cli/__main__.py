@@ -1,6 +1,6 @@
 """`python -m bytelm.cli SUBCOMMAND ...`, the same as `bytelm SUBCOMMAND ...`."""
 import sys
 
-from . import main
+from bytelm.cli import main
 
 sys.exit(main())

@@ -4,7 +4,8 @@ Defaults are written once, in the dataclass. Each field's metadata (set with `op
 and, where the plain rule does not fit, its group, flags, parser, metavar and choices:
 
     from dataclasses import dataclass
-    from bytelm.cli.args import add_dataclass_arguments, given_values, option, parse_int
+    from bytelm.cli.args import add_dataclass_arguments, given_values
+    from bytelm.settings import option, parse_int
 
     @dataclass
     class Settings:
@@ -29,76 +30,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import typing
 from typing import Any, Callable, Iterable
 
-from ..errors import BytelmError
-
-Parser = Callable[[str, str], Any]  # (field name, text) -> value, or BytelmError
-
-
-def option(default: Any, help: str, *, group: str = "", flags: tuple[str, ...] = (), parse: Parser | None = None,
-           metavar: str = "", choices: Iterable[str] | None = None) -> Any:
-    """A dataclass field that is also a command-line option. flags: () gives `--field-name`; group: the
-    --help section ("" puts it in the caller's default group); parse: how text becomes a value (default: by
-    the field's type); choices: the values allowed (shown in --help, checked by argparse)."""
-    return dataclasses.field(default=default, metadata={
-        "help": help, "group": group, "flags": tuple(flags), "parse": parse, "metavar": metavar,
-        "choices": tuple(choices) if choices is not None else None})
-
-
-def parse_int(name: str, text: str) -> int:
-    try:
-        return int(text.strip())
-    except ValueError:
-        raise BytelmError(f"{name} must be a whole number, got {text.strip()!r}") from None
-
-
-def parse_float(name: str, text: str) -> float:
-    try:
-        value = float(text.strip())
-    except ValueError:
-        raise BytelmError(f"{name} must be a number, got {text.strip()!r}") from None
-    if not math.isfinite(value):
-        raise BytelmError(f"{name} must be a finite number, got {text.strip()!r}")
-    return value
-
-
-def parse_bool(name: str, text: str) -> bool:
-    t = text.strip().lower()
-    if t in ("on", "true", "yes", "1"):
-        return True
-    if t in ("off", "false", "no", "0"):
-        return False
-    raise BytelmError(f"{name} must be on or off, got {text.strip()!r}")
-
-
-def parse_str(name: str, text: str) -> str:
-    return text
-
-
-_BY_TYPE: dict[type, Parser] = {int: parse_int, float: parse_float, bool: parse_bool, str: parse_str}
-
-
-def flags_of(f: dataclasses.Field) -> tuple[str, ...]:
-    """The field's flags: its own, else `--` and its name with dashes."""
-    return f.metadata.get("flags") or ("--" + f.name.replace("_", "-"),)
-
-
-def parser_of(cls: type, f: dataclasses.Field) -> Parser:
-    """How text becomes a value of field `f`: its own parser, else the one for its type."""
-    if f.metadata.get("parse"):
-        return f.metadata["parse"]
-    t = typing.get_type_hints(cls)[f.name]
-    if t not in _BY_TYPE:
-        raise TypeError(f"{cls.__name__}.{f.name}: give option(parse=...) for type {t}")
-    return _BY_TYPE[t]
-
-
-def parse_text(cls: type, name: str, text: str) -> Any:
-    """Turn a user's text into a value for field `name` of `cls` (for prompts and REPL commands)."""
-    return parser_of(cls, {f.name: f for f in dataclasses.fields(cls)}[name])(name, text)
+from bytelm.errors import BytelmError
+from bytelm.settings import Parser, flags_of, parser_of
 
 
 def _shown(value: Any) -> str:

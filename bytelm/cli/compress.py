@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from ..errors import BytelmError
-from .score import add_thread_argument, read_input, set_threads
+from bytelm.errors import BytelmError
+from bytelm.cli.score import add_thread_argument, read_input, set_threads
 
 
 def _parser(prog: str, decompress: bool) -> argparse.ArgumentParser:
@@ -28,7 +28,7 @@ def _parser(prog: str, decompress: bool) -> argparse.ArgumentParser:
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("model", help="checkpoint file; decompress with the same one that compressed")
     parser.add_argument("input", metavar="IN", help=f"file to {verb}; - for stdin")
-    from ..container import SUFFIX
+    from bytelm.codec.container import SUFFIX
     default = f"IN without {SUFFIX}" if decompress else f"IN{SUFFIX}"
     parser.add_argument("-o", "--output", metavar="OUT", help=f"output file, - for stdout (default: {default}; "
                         "stdout when IN is -)")
@@ -49,7 +49,7 @@ def _parser(prog: str, decompress: bool) -> argparse.ArgumentParser:
 
 def _output_path(args, decompress: bool) -> Path | None:
     """Where to write (None: stdout), refusing what gzip refuses."""
-    from ..container import SUFFIX
+    from bytelm.codec.container import SUFFIX
     out = args.output
     if out is None:
         if args.input == "-":
@@ -94,9 +94,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "bytelm compress") -> in
     out_path = _output_path(args, decompressing)
     data = read_input(args.input)
 
-    from ..checkpoint import load_model
-    from ..compress import compress_bytes, decompress_into
-    from ..files import atomic_write
+    from bytelm.checkpoint import load_model
+    from bytelm.codec.compress import compress_bytes, decompress_into
+    from bytelm.files import atomic_write
     set_threads(args.threads)
     model, _ = load_model(args.model)
     progress = not args.quiet

@@ -45,9 +45,9 @@ def collect() -> dict:
     import torch
 
     import bytelm
-    from .. import native
-    from ..device import cpu_flags, cpu_model, dtype_choice, pick_device
-    from ..files import cache_root
+    from bytelm.infer import native
+    from bytelm.device import cpu_flags, cpu_model, dtype_choice, pick_device
+    from bytelm.files import cache_root
 
     device = pick_device(None)
     dtype, dtype_reason = dtype_choice(device)

@@ -1,5 +1,5 @@
 """`bytelm generate` and `python demo_inference.py`: generations printed to stdout; the flags and streams that
-`bytelm chat` (bytelm/repl.py) shares with them.
+`bytelm chat` (bytelm/cli/chat.py) shares with them.
 
     bytelm generate MODEL -p "Once upon a time" -n 256 --temp 0.8 --seed 1   # one generation to stdout
     bytelm generate MODEL -f notes.txt                                       # the prompt from a file ('-': stdin)
@@ -16,12 +16,12 @@ import stat
 import sys
 from typing import BinaryIO, Sequence
 
-from ..checkpoint import DEFAULT_PATH
-from ..config import MAX_CONTEXT
-from ..errors import BytelmError
-from ..generation import ByteLevelGenerator, InferenceConfig, prompt_to_bytes
-from .args import add_dataclass_arguments, given_values
-from .terminal import binary_stdin, text_stdout
+from bytelm.checkpoint import DEFAULT_PATH
+from bytelm.config import MAX_CONTEXT
+from bytelm.errors import BytelmError
+from bytelm.infer.generation import ByteLevelGenerator, InferenceConfig, prompt_to_bytes
+from bytelm.cli.args import add_dataclass_arguments, given_values
+from bytelm.cli.terminal import binary_stdin, text_stdout
 
 # A prompt read from a pipe or a device is read to its end, keeping only its last MAX_CONTEXT bytes (the most
 # any model reads), and refused past this many bytes: /dev/zero never ends. A regular file is read from its
@@ -54,7 +54,7 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
 
 def open_generator(args: argparse.Namespace, config: InferenceConfig) -> ByteLevelGenerator:
     """The generator the CLI flags ask for, with torch's CPU threads set from --threads."""
-    from ..distributed import set_threads
+    from bytelm.train.distributed import set_threads
 
     set_threads(args.threads)
     return ByteLevelGenerator(args.model, config, device=args.device, decode_step="exact" if args.exact else "auto")

@@ -12,11 +12,11 @@ import argparse
 import json
 from typing import Sequence
 
-from .terminal import text_stdout
+from bytelm.cli.terminal import text_stdout
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "bytelm info") -> int:
-    from ..checkpoint import load_model
+    from bytelm.checkpoint import load_model
 
     parser = argparse.ArgumentParser(prog=prog, description="print a checkpoint's config, parameter count, step and metrics")
     parser.add_argument("model", help="checkpoint file, e.g. byte_llm_model.pt")

@@ -7,7 +7,7 @@
 
 --per-byte writes every byte's surprisal, entropy and rank (bits; rank 1 = the most likely byte), and the top
 alternatives with --top-k: .jsonl (one object per byte), .npz (named arrays) or .npy (one structured array).
---patches adds Byte Latent Transformer entropy patches (bytelm.score.entropy_patches).
+--patches adds Byte Latent Transformer entropy patches (bytelm.codec.score.entropy_patches).
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import BytelmError
-from .terminal import binary_stdin
+from bytelm.errors import BytelmError
+from bytelm.cli.terminal import binary_stdin
 
 BASELINES = {  # name -> compress(bytes) -> bytes; the strongest settings of the standard library's compressors
     "zlib-9": lambda b: zlib.compress(b, 9),
@@ -49,14 +49,14 @@ def add_thread_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def set_threads(n: int) -> None:
-    """--threads: n, or for 0 the cores other processes leave free (bytelm.distributed.auto_threads: a thread
+    """--threads: n, or for 0 the cores other processes leave free (bytelm.train.distributed.auto_threads: a thread
     sharing a busy core stalls every other thread at each parallel region)."""
-    from ..distributed import set_threads as set_torch_threads
+    from bytelm.train.distributed import set_threads as set_torch_threads
     set_torch_threads(n, zero_is_automatic=True)
 
 
 def _patch_starts(scores, args) -> np.ndarray | None:
-    from ..score import entropy_patches
+    from bytelm.codec.score import entropy_patches
     if not args.patches:
         return None
     return entropy_patches(scores.entropy, threshold=args.patch_threshold, relative=args.patch_relative,
@@ -93,7 +93,7 @@ def _per_byte_jsonl(f, name: str | None, data: bytes, scores, starts) -> None:
 
 def write_per_byte(path: Path, results: list[tuple[str, bytes, object, np.ndarray | None]]) -> None:
     """Every byte's scores of every file, concatenated in order, written atomically to .jsonl, .npz or .npy."""
-    from ..files import atomic_write
+    from bytelm.files import atomic_write
     suffix = path.suffix.lower()
     if suffix not in (".jsonl", ".npz", ".npy"):
         raise BytelmError(f"--per-byte {path}: the name must end in .jsonl, .npz or .npy")
@@ -161,9 +161,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "bytelm score") -> int:
     if args.files.count("-") > 1:
         raise BytelmError("stdin (-) can be scored only once")
 
-    from ..checkpoint import load_model
-    from ..device import pick_device
-    from ..score import score_bytes
+    from bytelm.checkpoint import load_model
+    from bytelm.device import pick_device
+    from bytelm.codec.score import score_bytes
     set_threads(args.threads)
     model, _ = load_model(args.model, pick_device(args.device))
     results, summaries = [], []

@@ -1,4 +1,4 @@
-"""`bytelm serve MODEL`: the HTTP API and web page (bytelm/server.py) on uvicorn.
+"""`bytelm serve MODEL`: the HTTP API and web page (bytelm/serve/app.py) on uvicorn.
 
     bytelm serve byte_llm_model.pt                      # http://127.0.0.1:8000/  (the page), /v1/completions, ...
     bytelm serve MODEL --port 9000 --api-key secret     # or BYTELM_API_KEY=secret bytelm serve MODEL
@@ -14,8 +14,8 @@ import os
 import sys
 from typing import Sequence
 
-from ..errors import BytelmError
-from .args import add_dataclass_arguments, given_values
+from bytelm.errors import BytelmError
+from bytelm.cli.args import add_dataclass_arguments, given_values
 
 API_KEY_ENV = "BYTELM_API_KEY"
 
@@ -33,12 +33,12 @@ def main(argv: Sequence[str] | None = None, prog: str = "bytelm serve") -> int:
     try:
         import uvicorn
 
-        from ..server import ServeSettings, create_app
+        from bytelm.serve.app import ServeSettings, create_app
     except ImportError as e:
         raise BytelmError(f"bytelm serve needs FastAPI and uvicorn ({e.name} is missing): "
                           "pip install \"bytelm[serve]\"") from None
-    from ..checkpoint import load_model
-    from ..device import pick_device
+    from bytelm.checkpoint import load_model
+    from bytelm.device import pick_device
 
     parser = argparse.ArgumentParser(prog=prog, description="Serve a model over HTTP: an OpenAI-compatible "
                                      "API and a web page that shows what the model expected at every byte.")
@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "bytelm serve") -> int:
     if not settings.api_key:
         settings.api_key = os.environ.get(API_KEY_ENV, "")
     settings.validate()
-    from ..distributed import set_threads
+    from bytelm.train.distributed import set_threads
     set_threads(args.threads)
     model, _ = load_model(args.model, pick_device(args.device))  # a bad checkpoint stops here, in one line
     app = create_app(model, settings, name=os.path.splitext(os.path.basename(args.model))[0],

@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from typing import BinaryIO, TextIO
 
-from ..errors import BytelmError
+from bytelm.errors import BytelmError
 
 
 def _caret(code: int) -> str:

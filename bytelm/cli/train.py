@@ -12,13 +12,13 @@ import argparse
 import os
 from typing import Sequence
 
-from ..checkpoint import DEFAULT_PATH
-from ..errors import BytelmError
-from ..resume import saved_settings
-from ..run_files import RunPaths
-from ..train_config import TRAIN_PRESETS, TrainConfig
-from ..training import train
-from .args import add_dataclass_arguments, given_values
+from bytelm.checkpoint import DEFAULT_PATH
+from bytelm.errors import BytelmError
+from bytelm.train.resume import saved_settings
+from bytelm.train.run_files import RunPaths
+from bytelm.train.config import TRAIN_PRESETS, TrainConfig
+from bytelm.train.loop import train
+from bytelm.cli.args import add_dataclass_arguments, given_values
 
 
 def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:

@@ -1,0 +1,82 @@
+"""The batched one-byte step: B independent sequences each advance by one byte, all at the same position.
+
+    step = BatchStep(model, batch=64)
+    logits = step(torch.zeros(64, dtype=torch.long))     # (64, 256): what follows byte 0 in every row
+    logits = step(next_bytes)                             # and so on, up to the model's context
+
+The same arithmetic as ByteLM.forward(idx (B, 1), cache) (tests/test_compress.py checks the logits agree to
+float rounding), written for one job: compress and decompress must compute bit-identical probabilities on
+both sides, whatever torch's thread count. ByteLM's cached path attends with scaled_dot_product_attention,
+whose CPU kernel gives results that differ in the last bit between 1 and 2 threads; here attention is two
+batched matrix products and a softmax, and every other op is a row-wise reduction or a matrix product
+(thread-invariant in torch's CPU kernels; tests/test_compress.py checks 1 against 2 threads). The weights are
+FastDecoder's folded copies (RMSNorm weights inside the matrices, the attention scale in the rotary table),
+which also makes each step fewer operations.
+"""
+from __future__ import annotations
+
+import torch
+
+from bytelm.infer.step import FastDecoder
+from bytelm.model import ByteLM
+
+
+class BatchStep:
+    """Folded weights and a KV cache for `batch` rows. Call it with one byte per row; reset() to start over.
+
+    Keys and values: (L, B, H, context, D), fp32, preallocated once.
+    """
+
+    def __init__(self, model: ByteLM, batch: int):
+        folded = FastDecoder(model, native=False)
+        cfg = model.config
+        self.batch, self.context = batch, cfg.block_size
+        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
+        self.eps, self.qk_eps = folded.eps, folded.qk_eps
+        self.embed, self.value_embed = folded.embed, folded.value_embed  # (V, C), (V, L, C) or None
+        self.layers = list(zip(folded.w_qkv, folded.w_proj, folded.w_fc, folded.w_out))
+        self.head = folded.head  # (V, C)
+        self.cos, self.sin = folded.cos, folded.sin  # (T, 2, 1, D)
+        device = self.embed.device
+        shape = (cfg.n_layer, batch, cfg.n_head, cfg.block_size, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device)
+        self.v = torch.zeros(shape, device=device)
+        self.pos = 0
+
+    @staticmethod
+    def cache_bytes(model: ByteLM, batch: int) -> int:
+        """Memory the keys and values of `batch` rows take."""
+        cfg = model.config
+        return 2 * cfg.n_layer * batch * cfg.block_size * cfg.n_embd * 4
+
+    def reset(self) -> None:
+        self.pos = 0
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.square().mean(-1, keepdim=True).add_(self.eps))  # RMSNorm, weight folded
+
+    @torch.inference_mode()
+    def __call__(self, byte: torch.Tensor) -> torch.Tensor:
+        """byte: (B,) int64, each row's next byte. Returns logits (B, 256) fp32 for the byte after it."""
+        pos = self.pos
+        if pos >= self.context:
+            raise ValueError(f"BatchStep is full: {self.context} bytes, the model's context")
+        B, H, D = self.batch, self.n_head, self.head_dim
+        end = pos + 1
+        x = self.embed[byte]  # (B, C)
+        for i, (w_qkv, w_proj, w_fc, w_out) in enumerate(self.layers):
+            qkv = (self._norm(x) @ w_qkv.t()).view(B, 3, H, D)
+            qk = qkv[:, :2]  # (B, 2, H, D)
+            qk = qk * torch.rsqrt(qk.square().mean(-1, keepdim=True).add_(self.qk_eps))  # QK-norm
+            qk = torch.addcmul(qk * self.cos[pos], qk.roll(D // 2, -1), self.sin[pos])  # rotary; q scaled
+            v = qkv[:, 2] if self.value_embed is None else qkv[:, 2] + self.value_embed[byte, i].view(B, H, D)
+            self.k[i, :, :, pos] = qk[:, 1]
+            self.v[i, :, :, pos] = v
+            # (B, H, 1, D) @ (B, H, D, end): the scores come out with positions last, so the softmax runs
+            # over contiguous memory; reading the cache once per step is what bounds the step (memory).
+            scores = qk[:, 0].unsqueeze(2) @ self.k[i, :, :, :end].transpose(2, 3)  # (B, H, 1, end)
+            y = scores.softmax(-1) @ self.v[i, :, :, :end]  # (B, H, 1, D)
+            x = torch.addmm(x, y.view(B, H * D), w_proj.t())
+            x = torch.addmm(x, (self._norm(x) @ w_fc.t()).relu_().square_(), w_out.t())  # ReLU^2 MLP
+        self.pos = end
+        return self._norm(x) @ self.head.t()  # (B, V)
