@@ -10,14 +10,14 @@ both sides, whatever torch's thread count. ByteLM's cached path attends with sca
 whose CPU kernel gives results that differ in the last bit between 1 and 2 threads; here attention is two
 batched matrix products and a softmax, and every other op is a row-wise reduction or a matrix product
 (thread-invariant in torch's CPU kernels; tests/test_compress.py checks 1 against 2 threads). The weights are
-FastDecoder's folded copies (RMSNorm weights inside the matrices, the attention scale in the rotary table),
-which also makes each step fewer operations.
+the folded copies every decode step reads (bytelm/infer/weights.py: RMSNorm gains inside the matrices, the
+attention scale in the rotary table), which also makes each step fewer operations.
 """
 from __future__ import annotations
 
 import torch
 
-from bytelm.infer.step import FastDecoder
+from bytelm.infer.weights import FoldedWeights
 from bytelm.model import ByteLM
 
 
@@ -28,19 +28,13 @@ class BatchStep:
     """
 
     def __init__(self, model: ByteLM, batch: int):
-        folded = FastDecoder(model, native=False)
+        w = self.weights = FoldedWeights(model)
         cfg = model.config
         self.batch, self.context = batch, cfg.block_size
-        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
-        self.eps, self.qk_eps = folded.eps, folded.qk_eps
-        self.embed, self.value_embed = folded.embed, folded.value_embed  # (V, C), (V, L, C) or None
-        self.layers = list(zip(folded.w_qkv, folded.w_proj, folded.w_fc, folded.w_out))
-        self.head = folded.head  # (V, C)
-        self.cos, self.sin = folded.cos, folded.sin  # (T, 2, 1, D)
-        device = self.embed.device
+        self.layers = list(zip(w.w_qkv, w.w_proj, w.w_fc, w.w_out))
         shape = (cfg.n_layer, batch, cfg.n_head, cfg.block_size, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device)
-        self.v = torch.zeros(shape, device=device)
+        self.k = torch.zeros(shape, device=w.embed.device)
+        self.v = torch.zeros(shape, device=w.embed.device)
         self.pos = 0
 
     @staticmethod
@@ -52,24 +46,21 @@ class BatchStep:
     def reset(self) -> None:
         self.pos = 0
 
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.square().mean(-1, keepdim=True).add_(self.eps))  # RMSNorm, weight folded
-
     @torch.inference_mode()
     def __call__(self, byte: torch.Tensor) -> torch.Tensor:
         """byte: (B,) int64, each row's next byte. Returns logits (B, 256) fp32 for the byte after it."""
         pos = self.pos
         if pos >= self.context:
             raise ValueError(f"BatchStep is full: {self.context} bytes, the model's context")
-        B, H, D = self.batch, self.n_head, self.head_dim
+        w, B, H, D = self.weights, self.batch, self.weights.n_head, self.weights.head_dim
         end = pos + 1
-        x = self.embed[byte]  # (B, C)
+        x = w.embed[byte]  # (B, C)
         for i, (w_qkv, w_proj, w_fc, w_out) in enumerate(self.layers):
-            qkv = (self._norm(x) @ w_qkv.t()).view(B, 3, H, D)
+            qkv = (w.norm(x) @ w_qkv.t()).view(B, 3, H, D)
             qk = qkv[:, :2]  # (B, 2, H, D)
-            qk = qk * torch.rsqrt(qk.square().mean(-1, keepdim=True).add_(self.qk_eps))  # QK-norm
-            qk = torch.addcmul(qk * self.cos[pos], qk.roll(D // 2, -1), self.sin[pos])  # rotary; q scaled
-            v = qkv[:, 2] if self.value_embed is None else qkv[:, 2] + self.value_embed[byte, i].view(B, H, D)
+            qk = qk * torch.rsqrt(qk.square().mean(-1, keepdim=True).add_(w.qk_eps))  # QK-norm
+            qk = torch.addcmul(qk * w.cos[pos], qk.roll(D // 2, -1), w.sin[pos])  # rotary; q scaled
+            v = qkv[:, 2] if w.value_embed is None else qkv[:, 2] + w.value_embed[byte, i].view(B, H, D)
             self.k[i, :, :, pos] = qk[:, 1]
             self.v[i, :, :, pos] = v
             # (B, H, 1, D) @ (B, H, D, end): the scores come out with positions last, so the softmax runs
@@ -77,6 +68,6 @@ class BatchStep:
             scores = qk[:, 0].unsqueeze(2) @ self.k[i, :, :, :end].transpose(2, 3)  # (B, H, 1, end)
             y = scores.softmax(-1) @ self.v[i, :, :, :end]  # (B, H, 1, D)
             x = torch.addmm(x, y.view(B, H * D), w_proj.t())
-            x = torch.addmm(x, (self._norm(x) @ w_fc.t()).relu_().square_(), w_out.t())  # ReLU^2 MLP
+            x = torch.addmm(x, (w.norm(x) @ w_fc.t()).relu_().square_(), w_out.t())  # ReLU^2 MLP
         self.pos = end
-        return self._norm(x) @ self.head.t()  # (B, V)
+        return w.norm(x) @ w.head.t()  # (B, V)

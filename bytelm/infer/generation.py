@@ -35,7 +35,8 @@ import torch
 from bytelm.checkpoint import DEFAULT_PATH, load_model
 from bytelm.settings import option, parse_int, parse_text
 from bytelm.config import DOC_SEPARATOR
-from bytelm.infer.step import FastDecoder, decoder_memory
+from bytelm.infer.step import FastDecoder
+from bytelm.infer.weights import FoldedWeights
 from bytelm.device import pick_device, require_memory
 from bytelm.errors import BytelmError, invalid
 from bytelm.model import ByteLM, KVCache, cache_memory
@@ -250,7 +251,7 @@ class ByteLevelGenerator:
         p = next(model.parameters())
         need = [cache_memory(model.config, 1, max_len, p.element_size())]
         if self.decode_step != "reference":
-            need += decoder_memory(model.config)
+            need += FoldedWeights.memory(model.config)
         require_memory(need, self.device)
         return KVCache(model.config, 1, max_len, p.device, p.dtype)
 

@@ -1,38 +1,37 @@
-"""The one-byte decode step, lean: the same arithmetic as ByteLM.forward(idx (1, 1), cache), in fewer tensor ops.
+"""The one-byte decode step: FastDecoder, the same arithmetic as ByteLM.forward(idx (1, 1), cache), fewer ops.
 
-At batch 1 a step is a few hundred small operations whose cost is mostly the ~2-5 us each one takes to
-dispatch, not arithmetic (docs/generation.md has the profile). So this module precomputes what it can once,
-when the decoder is built, and runs each step on flat vectors:
+    dec = FastDecoder(model)                 # native=True: the C step where it builds; half=True: fp16 matrices
+    logits = dec.step(byte, cache)           # (256,), feeds `byte` at cache.pos and advances it
+    logits = dec.step_rows(bytes_, caches)   # (n, 256), one step for n sequences, each in its own cache
 
-  * the RMSNorm weights are folded into the matrix that follows each norm (W @ (w * x) = (W * w) @ x);
-  * the attention scale 1/sqrt(D) is folded into the queries' rotary tables;
-  * rotary is x * cos + roll(x, D/2) * sin, with the signs in the sin table: two ops instead of six;
-  * attention of one query over the cache is two batched matrix products and a softmax (no mask needed);
-  * residual projections are one fused multiply-add (addmv) each.
+At batch 1 a step is a few hundred small operations whose cost is mostly dispatch, not arithmetic
+(docs/generation.md has the profile). So the step runs on weights folded once (bytelm/infer/weights.py:
+RMSNorm gains inside the matrices, the attention scale in the rotary table) and, in two ways:
+  * the C step (bytelm/infer/csrc/decode_step.c through bytelm/infer/native.py): the default where the library
+    builds and the weights are fp32 on the CPU; with half=True it reads fp16 copies of the matrices (half the
+    memory traffic; logits within ~1e-3 of fp32). step_rows reads each weight once for all rows (the serving
+    engine's batched step);
+  * the lean torch step, otherwise: attention of one query over the cache as two batched matrix products and a
+    softmax (no mask), each residual projection one fused multiply-add (addmv).
 
-ByteLM.forward stays the reference; tests/test_decode.py checks that the logits agree to float rounding
-and the generator uses this step only for batch-1 single-byte steps on a real ByteLM.
+ByteLM.forward stays the reference: tests/test_decode.py checks that the logits agree to float rounding, and
+tests/test_golden.py that every step reproduces the pinned bytes. The per-row decode state
+(bytelm/infer/row.py) chooses which step a generation uses.
 """
 from __future__ import annotations
 
 import ctypes
-import math
 
 import torch
 
-from bytelm.config import ModelConfig
-from bytelm.model import ByteLM, KVCache, weight_count
+from bytelm.model import ByteLM, KVCache
 from bytelm.infer.native import DecodeRow, DecodeStep, library as native_library
-
-
-def _largest_magnitude(t: torch.Tensor) -> float:
-    """max |t| in one pass without a temporary (t.abs() would allocate, and page-fault, a copy of t)."""
-    lo, hi = torch.aminmax(t)
-    return max(-float(lo), float(hi))
+from bytelm.infer.weights import FoldedWeights
 
 
 class FastDecoder:
-    """Precomputed weights of a ByteLM for one-byte steps. Rebuild it if the model's weights change.
+    """One-byte steps over a ByteLM's folded weights (bytelm/infer/weights.py). Rebuild it if the model's
+    weights change.
 
     step(byte, cache) -> logits (256,): feeds one byte at position cache.pos, writes its keys and values
     into `cache` (the same KVCache ByteLM.forward fills, so prefill can use the reference path) and
@@ -40,61 +39,31 @@ class FastDecoder:
     """
 
     def __init__(self, model: ByteLM, native: bool = True, half: bool = False):
+        w = self.weights = FoldedWeights(model)
         cfg = model.config
-        self.n_head, self.head_dim, self.block_size = cfg.n_head, cfg.head_dim, cfg.block_size
-        self.eps = cfg.norm_eps  # the RMSNorm modules' epsilon
-        # F.rms_norm without eps (the QK-norm in CausalSelfAttention) uses the dtype's machine epsilon.
-        p = model.embed.weight
-        self.qk_eps = torch.finfo(p.dtype).eps
-        with torch.no_grad():
-            self.embed = p.detach().clone()  # (V, C)
-            # Value embeddings (ModelConfig.value_embeds), (V, L, C): each layer's row is added to its values.
-            ve = model.value_embed
-            self.value_embed = (ve.weight.detach().view(cfg.vocab_size, cfg.n_layer, cfg.n_embd).clone()
-                                if ve is not None else None)  # a copy, like every other weight here
-            blocks = model.blocks
-            # Stacked over layers, so the C step takes one pointer per kind: (L, rows, cols) each.
-            self.w_qkv = torch.stack([b.attn.qkv.weight * b.norm1.weight for b in blocks])  # (L, 3C, C)
-            self.w_proj = torch.stack([b.attn.proj.weight for b in blocks])  # (L, C, C)
-            self.w_fc = torch.stack([b.mlp.fc.weight * b.norm2.weight for b in blocks])  # (L, F, C)
-            self.w_out = torch.stack([b.mlp.proj.weight for b in blocks])  # (L, C, F)
-            self.head = (model.head.weight * model.norm_f.weight).contiguous()  # (V, C), norm_f folded in
-            # Rotary for queries and keys together: rows (2, 1, D) per position; the query row carries the
-            # attention scale. x1' = x1 cos + x2 sin, x2' = x2 cos - x1 sin  ==  x * cos2 + roll(x) * sin2
-            # with cos2 = [cos, cos], sin2 = [sin, -sin] and roll(x) = [x2, x1].
-            cos = model.rope_cos[:, 0, 0]  # (T, D/2)
-            sin = model.rope_sin[:, 0, 0]
-            cos2 = torch.cat((cos, cos), -1)  # (T, D)
-            sin2 = torch.cat((sin, -sin), -1)
-            scale = torch.tensor([1.0 / math.sqrt(self.head_dim), 1.0], dtype=cos.dtype,
-                                 device=cos.device).view(1, 2, 1, 1)
-            self.cos = (cos2[:, None, None, :] * scale).contiguous()  # (T, 2, 1, D)
-            self.sin = (sin2[:, None, None, :] * scale).contiguous()
-        self.n_layer, self.n_embd, self.hidden = cfg.n_layer, cfg.n_embd, cfg.mlp_ratio * cfg.n_embd
+        self.n_head, self.head_dim, self.block_size = w.n_head, w.head_dim, w.block_size
         # The C step (bytelm/infer/native.py) where it applies: fp32 weights on the CPU and a compiler present.
         self._kernel = None
         self.half = False
-        if native and p.device.type == "cpu" and p.dtype == torch.float32:
+        if native and w.embed.device.type == "cpu" and w.embed.dtype == torch.float32:
             lib = native_library()
             if lib is not None:
                 self._kernel = lib.bytelm_decode_step
                 self._rows_kernel, self._max_rows = lib.bytelm_decode_rows, lib.bytelm_decode_max_rows()
                 self._batch = None  # step_rows' buffers, grown to the largest batch seen
-                self._scratch = torch.empty(5 * cfg.n_embd + max(self.hidden, cfg.block_size))
+                self._scratch = torch.empty(5 * w.n_embd + max(w.hidden, w.block_size))
                 self._logits = torch.empty(cfg.vocab_size)
-                matrices = [self.w_qkv, self.w_proj, self.w_fc, self.w_out, self.head]
-                # Half-precision copies of the matrices halve what each step reads (the step's bound); only
-                # where the build converts them in hardware (F16C) and every weight fits fp16's range.
-                if half and lib.bytelm_half_supported() and all(_largest_magnitude(m) < 60000 for m in matrices):
-                    matrices = [m.half() for m in matrices]  # round to nearest even, as F16C converts back
-                    self.half = True
+                # Half-precision copies halve what each step reads (the step's bound); only where the build
+                # converts them in hardware (F16C) and every weight fits fp16's range.
+                matrices = (w.half_matrices() if half and lib.bytelm_half_supported() else None) or w.matrices()
+                self.half = matrices[0].dtype == torch.float16
                 self._matrices = matrices  # kept alive: the kernel reads them by address
                 # The C step's arguments, filled once; each step sets the cache and passes the position and byte.
                 args = self._args = DecodeStep(
-                    n_layer=self.n_layer, C=self.n_embd, H=self.n_head, F=self.hidden, V=cfg.vocab_size,
-                    rope_len=self.cos.size(0), half=int(self.half), eps=self.eps, qk_eps=self.qk_eps)
-                args.set_buffers(embed=self.embed, **dict(zip(("w_qkv", "w_proj", "w_fc", "w_out", "head"), matrices)),
-                                 rope_cos=self.cos, rope_sin=self.sin, value_embed=self.value_embed,
+                    n_layer=w.n_layer, C=w.n_embd, H=w.n_head, F=w.hidden, V=cfg.vocab_size,
+                    rope_len=w.cos.size(0), half=int(self.half), eps=w.eps, qk_eps=w.qk_eps)
+                args.set_buffers(embed=w.embed, **dict(zip(("w_qkv", "w_proj", "w_fc", "w_out", "head"), matrices)),
+                                 rope_cos=w.cos, rope_sin=w.sin, value_embed=w.value_embed,
                                  scratch=self._scratch, logits=self._logits)
                 self._args_ref = ctypes.byref(args)
 
@@ -110,27 +79,24 @@ class FastDecoder:
         if self._kernel is not None and all(t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu"
                                             for t in (cache.k, cache.v)):
             return self._step_native(byte, cache, copy)
-        H, D = self.n_head, self.head_dim
+        w, H, D = self.weights, self.n_head, self.head_dim
         end = pos + 1
-        cos, sin = self.cos[pos], self.sin[pos]  # (2, 1, D)
-        x = self.embed[byte]  # (C,)
-        for i, (w_qkv, w_proj, w_fc, w_out) in enumerate(zip(self.w_qkv, self.w_proj, self.w_fc, self.w_out)):
-            h = x * torch.rsqrt(x.square().mean().add_(self.eps))  # RMSNorm without its weight (folded)
-            qkv = torch.mv(w_qkv, h).view(3, H, D)
+        cos, sin = w.cos[pos], w.sin[pos]  # (2, 1, D)
+        x = w.embed[byte]  # (C,)
+        for i, (w_qkv, w_proj, w_fc, w_out) in enumerate(zip(w.w_qkv, w.w_proj, w.w_fc, w.w_out)):
+            qkv = torch.mv(w_qkv, w.norm(x)).view(3, H, D)
             qk = qkv[:2]  # (2, H, D)
-            qk = qk * torch.rsqrt(qk.square().mean(-1, keepdim=True).add_(self.qk_eps))  # QK-norm
+            qk = qk * torch.rsqrt(qk.square().mean(-1, keepdim=True).add_(w.qk_eps))  # QK-norm
             qk = torch.addcmul(qk * cos, qk.roll(D // 2, -1), sin)  # rotary; q also scaled by 1/sqrt(D)
             k_layer, v_layer = cache.k[i, 0], cache.v[i, 0]  # (H, max_len, D)
             k_layer[:, pos] = qk[1]
-            v_layer[:, pos] = qkv[2] if self.value_embed is None else qkv[2] + self.value_embed[byte, i].view(H, D)
+            v_layer[:, pos] = qkv[2] if w.value_embed is None else qkv[2] + w.value_embed[byte, i].view(H, D)
             att = torch.bmm(k_layer[:, :end], qk[0].unsqueeze(-1)).softmax(1)  # (H, end, 1)
             y = torch.bmm(att.transpose(1, 2), v_layer[:, :end])  # (H, 1, D)
             x = torch.addmv(x, w_proj, y.view(-1))
-            h = x * torch.rsqrt(x.square().mean().add_(self.eps))
-            x = torch.addmv(x, w_out, torch.mv(w_fc, h).relu_().square_())  # ReLU^2 MLP
+            x = torch.addmv(x, w_out, torch.mv(w_fc, w.norm(x)).relu_().square_())  # ReLU^2 MLP
         cache.pos = end
-        h = x * torch.rsqrt(x.square().mean().add_(self.eps))
-        return torch.mv(self.head, h)  # (V,)
+        return torch.mv(w.head, w.norm(x))  # (V,)
 
     def _check(self, byte: int, cache: KVCache) -> int:
         """The byte as an int, if it and the cache's position fit (checked here too: ctypes would wrap a huge
@@ -140,8 +106,8 @@ class FastDecoder:
             raise ValueError(f"FastDecoder.step needs a batch-1 cache with room (pos {pos}, "
                              f"context {self.block_size}, cache {cache.k.size(3)})")
         byte = int(byte)
-        if not 0 <= byte < self.embed.size(0):
-            raise ValueError(f"FastDecoder.step: byte {byte} is outside 0..{self.embed.size(0) - 1}")
+        if not 0 <= byte < self.weights.embed.size(0):
+            raise ValueError(f"FastDecoder.step: byte {byte} is outside 0..{self.weights.embed.size(0) - 1}")
         return byte
 
     def step_rows(self, bytes_: list[int], caches: list[KVCache]) -> torch.Tensor:
@@ -186,13 +152,14 @@ class FastDecoder:
     def _batch_buffers(self, n: int, max_len: int):
         """DecodeRow array, scratch and logits (n, V) for step_rows, kept and grown as batches grow. Each row's
         scratch is the single step's, rounded up to 64 bytes (see bytelm_decode_rows)."""
-        stride = -(-(5 * self.n_embd + max(self.hidden, max_len)) // 16) * 16
+        w = self.weights
+        stride = -(-(5 * w.n_embd + max(w.hidden, max_len)) // 16) * 16
         rows_cap = min(n, self._max_rows)
         floats = rows_cap * stride
         have = self._batch
         if have is None or len(have[0]) < rows_cap or have[1].numel() < floats or have[2].size(0) < n:
             have = self._batch = ((DecodeRow * rows_cap)(), torch.empty(floats, dtype=torch.float32),
-                                  torch.empty(n, self.embed.size(0), dtype=torch.float32))
+                                  torch.empty(n, w.embed.size(0), dtype=torch.float32))
         return have
 
     def _step_native(self, byte: int, cache: KVCache, copy: bool) -> torch.Tensor:
@@ -205,13 +172,3 @@ class FastDecoder:
         cache.pos += 1
         return self._logits.clone() if copy else self._logits  # the buffer is reused by the next step
 
-
-def decoder_memory(config: ModelConfig) -> list[tuple[str, int]]:
-    """What FastDecoder(ByteLM(config)) allocates, in bytes, for device.require_memory: copies of the weights
-    (fp32, plus fp16 copies of the matrices for the default C step) and its rotary tables: two (T, 2, 1, D) fp32
-    tables and the two (T, D) temporaries they are built from."""
-    weights = (weight_count(config) + config.vocab_size * config.n_embd) * 4  # the head is copied even if tied
-    return [(f"the decode step's copy of the weights (n_layer {config.n_layer} x n_embd {config.n_embd})",
-             weights * 3 // 2),
-            (f"the decode step's rotary tables (block_size {config.block_size} x head_dim {config.head_dim})",
-             6 * config.block_size * config.head_dim * 4)]
