@@ -16,17 +16,15 @@ cache). Requests join and leave between any two cycles, so a short request never
 cancelled one frees its row at once. `workers` threads each run their own rows: the C step releases the GIL,
 so on a machine with free cores two workers step at the same time.
 
-Each row decodes exactly as ByteLevelGenerator does (bytelm/infer/generation.py): the same prompt window, the same
-sliding window, the same sampler drawing from the row's own torch.Generator, and logits from the batched step
-that are bitwise those of the single step. So a seeded request gives the same bytes alone, next to other
-requests, and from `bytelm generate --seed` (tests/test_server.py checks it).
+Each row is a DecodeState (bytelm/infer/row.py), as each ByteLevelGenerator generation is: the same prompt
+window, the same sliding window, the same sampler drawing from the row's own torch.Generator, and logits from
+the batched step that are bitwise those of the single step. So a seeded request gives the same bytes alone, next
+to other requests, and from `bytelm generate --seed` (tests/test_server.py and tests/test_golden.py check it).
 """
 from __future__ import annotations
 
 import asyncio
 import codecs
-import ctypes
-import secrets
 import threading
 import time
 from collections import deque
@@ -35,13 +33,9 @@ from typing import AsyncIterator, NamedTuple
 
 import torch
 
-from bytelm.config import DOC_SEPARATOR
+from bytelm.infer.generation import InferenceConfig
+from bytelm.infer.row import DecodeState, make_step, resolve_step
 from bytelm.infer.step import FastDecoder
-from bytelm.infer.generation import ByteLevelGenerator, InferenceConfig
-from bytelm.model import ByteLM
-from bytelm.infer.sampling import CSampler, sample_next
-
-DECODE_STEPS = ("auto", "exact", "torch", "reference")  # as ByteLevelGenerator's decode_step
 
 
 class EngineBusy(Exception):
@@ -160,89 +154,31 @@ class TextAssembler:
         return Piece(text, [i for i in infos if i is not None], len(infos)) if text else None
 
 
-class _Row:
-    """One active generation's decode state, as ByteLevelGenerator._decode keeps it: the bytes the cache holds
-    plus history for the penalty window (in a host buffer the C sampler reads), the KV cache, the sampler and
-    the row's own random generator."""
+class _Row(DecodeState):
+    """One active generation: its decode state (bytelm/infer/row.py, the same as ByteLevelGenerator's) plus the
+    request, the text assembler and the timings."""
 
     def __init__(self, handle: Generation, model: torch.nn.Module, step: FastDecoder | None):
         self.handle = handle
-        cfg = self.config = handle.request.config
-        bs = self.block_size = model.config.block_size
-        self.model, self.step_fn, self.device = model, step, next(model.parameters()).device
-        self.keep = max(1, min(bs - 1, int(bs * ByteLevelGenerator.slide_keep_fraction)))
-        window = bs if cfg.repeat_last_n < 0 else min(cfg.repeat_last_n, bs)
-        self.window = 0 if cfg.repetition_penalty == 1.0 else window
-        self.stop_byte = DOC_SEPARATOR if cfg.stop_at_separator else -1
-        self.rng = torch.Generator(device=self.device)
-        self.seed = None
-        if cfg.temperature != 0:
-            # A random seed is drawn below 2**53, so the seed the response reports survives JavaScript's
-            # numbers (the web page shows it, to repeat a generation).
-            self.seed = cfg.seed if cfg.seed is not None else secrets.randbits(53)
-            self.rng.manual_seed(self.seed)
-        self.sampler = CSampler.create(cfg) if step is not None and step.native else None
         self.assembler = TextAssembler(handle.request.stop)
         self.top_n = handle.request.top_logprobs
-        context = handle.request.prompt[-max(1, bs - 1):] or bytes([DOC_SEPARATOR])  # prepare_prompt's rule
-        self.cap = 2 * bs  # history buffer, compacted when full: constant memory for any length
-        self.hist = (ctypes.c_uint8 * self.cap)()
-        self.hist_t = torch.frombuffer(self.hist, dtype=torch.uint8)
-        self.base = ctypes.addressof(self.hist)
-        self.n, self.start, self.produced = len(context), 0, 0
-        ctypes.memmove(self.base, context, self.n)
-        self.cache = model.new_cache(1)
         t0 = time.perf_counter()
-        self.logits = self._prefill(0)
+        super().__init__(model, handle.request.config, handle.request.prompt, step)  # prefills the prompt
         self.started = time.perf_counter()
         self.prompt_ms = (self.started - t0) * 1000
         self.queue_ms = (t0 - handle.submitted) * 1000
 
-    def _prefill(self, lo: int) -> torch.Tensor:  # (V,) logits after the bytes hist[lo:n]
-        idx = self.hist_t[lo:self.n].to(device=self.device, dtype=torch.long).view(1, -1)
-        return self.model(idx, cache=self.cache, last_only=True)[0].view(-1)
-
-    def choose(self) -> tuple[int, ByteInfo | None]:
-        """The next byte from the current logits, and what the model expected there if logprobs were asked."""
-        logits, n = self.logits, self.n
-        info = None
-        if self.top_n is not None:
-            logp = torch.log_softmax(logits.float(), -1)
-            top = logp.topk(self.top_n) if self.top_n else None
-        lo = max(0, n - self.window) if self.window else n  # the penalty applies to hist[lo:n]
-        if self.sampler is not None:
-            b = self.sampler(logits, self.base + lo, n - lo, self.rng)
-        else:
-            recent = self.hist_t[lo:n].to(device=self.device, dtype=torch.long) if n > lo else None
-            b = int(sample_next(logits, self.config, recent, self.rng))
-        if self.top_n is not None:
-            rank = int((logits > logits[b]).sum()) + 1
-            pairs = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
-            info = ByteInfo(b, float(logp[b]), rank, pairs)
-        return b, info
-
-    def feed(self, b: int) -> bool:
-        """Append a chosen byte. Returns True if the logits now need a one-byte step; False if the window slid
-        (the cache was refilled from the last `keep` bytes, which computed the logits already)."""
-        if self.n == self.cap:  # compact: only the last block_size bytes can still be needed
-            bs = self.block_size
-            ctypes.memmove(self.base, self.base + self.n - bs, bs)
-            self.start -= self.n - bs
-            self.n = bs
-        self.hist[self.n] = b
-        self.n += 1
-        if self.cache.pos == self.block_size:  # the window is full: slide it
-            self.cache.reset()
-            self.start = self.n - self.keep
-            self.logits = self._prefill(self.start)
-            return False
-        return True
-
-    def step(self, b: int) -> None:
-        if self.step_fn is not None:
-            self.logits = self.step_fn.step(b, self.cache)
-        else:
-            self.logits = self._prefill(self.n - 1)
+    def choose_with_info(self) -> tuple[int, ByteInfo | None]:
+        """The next byte, and what the model expected there if logprobs were asked."""
+        if self.top_n is None:
+            return self.choose(), None
+        logits = self.logits
+        logp = torch.log_softmax(logits.float(), -1)
+        top = logp.topk(self.top_n) if self.top_n else None
+        b = self.choose()
+        rank = int((logits > logits[b]).sum()) + 1
+        pairs = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+        return b, ByteInfo(b, float(logp[b]), rank, pairs)
 
     def stats(self) -> dict:
         seconds = time.perf_counter() - self.started
@@ -258,13 +194,11 @@ class Engine:
 
     def __init__(self, model: torch.nn.Module, *, max_active: int = 8, max_queue: int = 32,
                  decode_step: str = "auto", workers: int = 1):
-        if decode_step not in DECODE_STEPS:
-            raise ValueError(f"decode_step must be one of {', '.join(DECODE_STEPS)}, not {decode_step!r}")
         if max_active < 1 or max_queue < 0 or workers < 1:
             raise ValueError("max_active and workers must be at least 1, max_queue at least 0")
         self.model = model.eval()
         self.max_active, self.max_queue = max_active, max_queue
-        self.decode_step = decode_step if isinstance(model, ByteLM) else "reference"
+        self.decode_step = resolve_step(decode_step, model)
         self.workers = min(workers, max_active)
         self._pending: deque[Generation] = deque()
         self._active = 0
@@ -310,17 +244,11 @@ class Engine:
             t.join(timeout)
 
     # -- the engine side (worker threads) ---------------------------------------------------------------------
-    def _make_step(self) -> FastDecoder | None:
-        """Each worker's own decoder: it keeps scratch buffers, so two threads must not share one."""
-        if self.decode_step == "reference":
-            return None
-        return FastDecoder(self.model, native=self.decode_step in ("auto", "exact"), half=self.decode_step == "auto")
-
     def _run(self, ready: threading.Event) -> None:
         rows: list[_Row] = []
         with torch.inference_mode():
             try:
-                step = self._make_step()
+                step = make_step(self.model, self.decode_step)  # per worker: it keeps scratch buffers
             finally:
                 ready.set()
             while True:
@@ -396,14 +324,13 @@ class Engine:
     @staticmethod
     def _choose(row: _Row, out: list) -> bool:
         """One byte for `row`; queues its piece and, if it ended, its Finished event. True if it ended."""
-        b, info = row.choose()
+        b, info = row.choose_with_info()
         if b == row.stop_byte:
             reason, piece = "stop", row.assembler.finish()
         else:
-            row.produced += 1
             row.last = b
             piece, stopped = row.assembler.add(b, info)
-            reason = "stop" if stopped else "length" if row.produced >= row.config.max_new_bytes else None
+            reason = "stop" if stopped else "length" if row.finished else None
             if reason == "length":  # bytes held back for a possible stop sequence or character go out too
                 parts = [p for p in (piece, row.assembler.finish()) if p is not None]
                 piece = Piece.join(parts) if parts else None
