@@ -8,8 +8,10 @@ the default.
 The CPU's model name and feature flags are read here, once (cpu_model, cpu_flags), for every part that needs
 them: the dtype choice, the native library's cache key, `bytelm env` and the benchmarks.
 
-Memory: `require_memory(parts, device)` refuses, in one line naming what asks for it, an allocation that a
-config, a checkpoint or a flag asks for and that cannot fit; it is called before allocating. The limit is the
+Memory: `require_memory(parts, device)` is the one memory gate: every check (the model, its rotary tables, KV
+caches, the decode step's weights, a training step, data batches) asks it, before allocating, and it refuses
+in one line, naming what asks for it and in binary units (bytelm.memory.format_bytes), an allocation that a
+config, a checkpoint or a flag asks for and that cannot fit. The limit is the
 CPU's (bytelm.memory.memory_limit: physical memory, `ulimit -v`, the cgroup's limit) or the GPU's free memory,
 or BYTELM_MAX_MEMORY (bytes, or a number with K, M, G or T) where that is set.
 """
@@ -140,14 +142,21 @@ def memory_available(device: torch.device | str = "cpu") -> tuple[int | None, st
     return memory_limit()
 
 
-def require_memory(parts: list[tuple[str, int]], device: torch.device | str = "cpu") -> None:
-    """Raise BytelmError, naming the largest parts, unless allocations `parts` [(what it is and the fields
-    that size it, bytes), ...] fit on `device`. Call it before allocating: one clear line, instead of an
-    allocator's traceback or the kernel's OOM killer."""
+def require_memory(parts: list[tuple[str, int]], device: torch.device | str = "cpu", *, what: str = "this",
+                   share: float = 1.0, fix: str = "", error: type[BytelmError] = BytelmError) -> None:
+    """The one memory gate: raise `error` in one line, naming the largest parts, unless allocations `parts`
+    [(what it is and the fields that size it, bytes), ...] fit in `share` of what `device` allows
+    (memory_available: BYTELM_MAX_MEMORY, else the GPU's free memory or the CPU's limit, cgroups included).
+    Call it before allocating: one clear line, instead of an allocator's traceback or the kernel's OOM killer.
+    `what` names the whole ("one training step"); `fix` says what to change ("lower batch_size")."""
     need = sum(n for _, n in parts)
     limit, source = memory_available(device)
-    if limit is not None and need > limit:
-        detail = "; ".join(f"{what}: {format_bytes(n)}" for what, n in sorted(parts, key=lambda p: -p[1]) if n)
-        raise BytelmError(f"this needs {format_bytes(need)} of {torch.device(device).type} memory ({detail}), "
-                          f"over the {format_bytes(limit)} allowed by {source}"
-                          + ("" if source == "BYTELM_MAX_MEMORY" else " (BYTELM_MAX_MEMORY sets another limit)"))
+    if limit is None or need <= limit * share:
+        return
+    detail = "; ".join(f"{part}: {format_bytes(n)}" for part, n in sorted(parts, key=lambda p: -p[1]) if n)
+    detail = "" if [p for p, _ in parts] == [what] else f" ({detail})"  # a lone part named as the whole
+    room = f"the {format_bytes(limit)}" if share == 1 else f"{share:.0%} of the {format_bytes(limit)}"
+    raise error(f"{what} needs {format_bytes(need)} of {torch.device(device).type} memory{detail}, "
+                f"over {room} allowed by {source}"
+                + ("" if source == "BYTELM_MAX_MEMORY" else " (BYTELM_MAX_MEMORY sets another limit)")
+                + (f"; {fix}" if fix else ""))

@@ -173,7 +173,7 @@ def test_a_batch_the_memory_cannot_hold_is_refused_before_allocating(kind, batch
     assert r.returncode == 0, r.stderr[-2000:]
     line = r.stdout.strip()
     assert line.startswith(f"a batch of batch_size {batch_size:,} x seq_len {seq_len:,} needs "), line
-    assert "GiB, more than half of the" in line and "RLIMIT_AS" in line and line.endswith("lower batch_size or seq_len")
+    assert "GiB of cpu memory, over 50% of the" in line and "RLIMIT_AS" in line and line.endswith("lower batch_size or seq_len")
 
 
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads the process's size from /proc")

@@ -515,9 +515,9 @@ def test_out_of_range_flags_are_one_line_and_a_non_zero_exit(tmp_path, corpus_fi
 
 
 @pytest.mark.parametrize("flags, expected", [
-    (["--batch-size", "1000000000"], "batch-size 1000000000 x seq-len 64 would need about"),
+    (["--batch-size", "1000000000"], "(batch-size 1000000000 x seq-len 64, the batch and its activations: "),
     (["--n-layer", "256", "--n-embd", "16384", "--n-head", "64"],
-     "the model's shape (n-layer 256, n-embd 16384) would need about"),
+     "(the model's shape (n-layer 256, n-embd 16384), weights, gradients and optimizer state: "),
 ])
 def test_settings_too_big_for_memory_are_refused_before_allocating(tmp_path, corpus_file, flags, expected):
     argv = [str(ROOT / "train.py"), "--preset", "tiny", "--data", str(corpus_file), "--out", str(tmp_path / "m.pt"),
@@ -529,7 +529,19 @@ def test_settings_too_big_for_memory_are_refused_before_allocating(tmp_path, cor
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and expected in r.stderr, r.stderr
-    assert "of memory for one training step, more than the" in r.stderr
+    assert "error: one training step needs " in r.stderr and "RLIMIT_AS" in r.stderr
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_training_refuses_a_batch_over_bytelm_max_memory_in_one_line(tmp_path, corpus_file, capsys, monkeypatch):
+    """BYTELM_MAX_MEMORY bounds training as it bounds generation: the same gate, the same one line."""
+    monkeypatch.setenv("BYTELM_MAX_MEMORY", "64M")
+    rc = run_cli(main, ["--preset", "tiny", "--data", str(corpus_file), "--out", str(tmp_path / "m.pt"),
+                        "--cache-dir", str(tmp_path / "cache"), "--batch-size", "4096"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.startswith("error: one training step needs ") and err.count("\n") == 1, err
+    assert "(batch-size 4096 x seq-len 64, the batch and its activations: " in err
+    assert err.rstrip().endswith("over the 64.0 MiB allowed by BYTELM_MAX_MEMORY; choose smaller settings"), err
     assert not (tmp_path / "m.pt").exists()
 
 

@@ -30,6 +30,7 @@ from bytelm.infer.batch_step import BatchStep
 from bytelm.config import DOC_SEPARATOR
 from bytelm.codec.container import ContainerError, Header, pack, unpack
 from bytelm.errors import BytelmError
+from bytelm.memory import format_bytes
 from bytelm.model import ByteLM
 from bytelm.codec.score import progress_callback
 
@@ -200,8 +201,8 @@ def _check_decodable(model: ByteLM, header: Header, any_encoder: bool) -> None:
         raise ContainerError("damaged: segment length or precision does not fit this model")
     need = BatchStep.cache_bytes(model, step_rows(header.batch))
     if need > DECODE_CACHE_LIMIT:
-        raise ContainerError(f"its batch of {header.batch} segments needs {need / 2**30:.1f} GiB for the model's "
-                             f"cache, over the {DECODE_CACHE_LIMIT / 2**30:.0f} GiB limit; refusing it")
+        raise ContainerError(f"its batch of {header.batch} segments needs {format_bytes(need)} for the model's "
+                             f"cache, over the {format_bytes(DECODE_CACHE_LIMIT)} limit; refusing it")
 
 
 def decompress_into(model: ByteLM, blob: bytes, write: Callable[[bytes], object], *, any_encoder: bool = False,

@@ -17,7 +17,7 @@ import torch
 
 from bytelm.data.documents import check_rank
 from bytelm.errors import DataError
-from bytelm.memory import format_bytes, memory_limit
+from bytelm.device import require_memory
 from bytelm.data.split import check_size
 
 STATE_VERSION = 2  # of BatchSampler.state_dict(): refused unless equal, so a resumed stream is always exact
@@ -38,11 +38,9 @@ def _check_shape(batch_size: int, seq_len: int) -> None:
 
 def check_memory(need: int, what: str, fix: str) -> None:
     """Raise DataError before allocating `need` bytes for `what` if that is more than half the memory this
-    process may use: the model's activations for the same batch need many times more than the batch."""
-    limit, source = memory_limit()
-    if limit is not None and need > limit // 2:
-        raise DataError(f"{what} needs {format_bytes(need)}, more than half of the {format_bytes(limit)} this "
-                        f"process may use ({source}); {fix}")
+    process may use (bytelm.device.require_memory): the model's activations for the same batch need many times
+    more than the batch."""
+    require_memory([(what, need)], "cpu", what=what, share=0.5, fix=fix, error=DataError)
 
 
 def _check_batch_memory(batch_size: int, seq_len: int, n_windows: int, bytes_per_window: int,

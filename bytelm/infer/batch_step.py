@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import torch
 
+from bytelm.device import require_memory
 from bytelm.infer.weights import FoldedWeights
-from bytelm.model import ByteLM
+from bytelm.model import ByteLM, cache_memory
 
 
 class BatchStep:
@@ -28,8 +29,10 @@ class BatchStep:
     """
 
     def __init__(self, model: ByteLM, batch: int):
-        w = self.weights = FoldedWeights(model)
         cfg = model.config
+        require_memory([cache_memory(cfg, batch, cfg.block_size), *FoldedWeights.memory(cfg)],
+                       model.embed.weight.device)
+        w = self.weights = FoldedWeights(model)
         self.batch, self.context = batch, cfg.block_size
         self.layers = list(zip(w.w_qkv, w.w_proj, w.w_fc, w.w_out))
         shape = (cfg.n_layer, batch, cfg.n_head, cfg.block_size, cfg.head_dim)
@@ -40,8 +43,7 @@ class BatchStep:
     @staticmethod
     def cache_bytes(model: ByteLM, batch: int) -> int:
         """Memory the keys and values of `batch` rows take."""
-        cfg = model.config
-        return 2 * cfg.n_layer * batch * cfg.block_size * cfg.n_embd * 4
+        return cache_memory(model.config, batch, model.config.block_size)[1]
 
     def reset(self) -> None:
         self.pos = 0

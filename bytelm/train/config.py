@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 from bytelm.checkpoint import DEFAULT_PATH
 from bytelm.settings import option
 from bytelm.config import MODEL_PRESETS, ModelConfig
+from bytelm.device import require_memory
 from bytelm.errors import BytelmError, check_field_types, invalid
 from bytelm.train.optim import MOMENTUM, MOMENTUM_START
 from bytelm.train.schedule import PLAN_AT_STEP
@@ -202,22 +203,12 @@ def step_memory(cfg: TrainConfig) -> tuple[int, int]:
     return model_bytes, cfg.batch_size * cfg.seq_len * per_token
 
 
-def check_step_memory(cfg: TrainConfig, available: int, where: str) -> None:
-    """Refuse, naming the settings and the memory they need, a run whose step cannot fit in `available`
-    bytes (`where`: the device's memory, in words)."""
+def check_step_memory(cfg: TrainConfig, device) -> None:
+    """Refuse, in one line naming the settings and the memory they need, a run whose step cannot fit in the
+    memory `device` allows (bytelm.device.require_memory: BYTELM_MAX_MEMORY, cgroup and rlimits included)."""
     model_bytes, batch_bytes = step_memory(cfg)
-    if model_bytes + batch_bytes <= available:
-        return
-    what = (f"batch-size {cfg.batch_size} x seq-len {cfg.seq_len}" if batch_bytes >= model_bytes else
-            f"the model's shape (n-layer {cfg.n_layer}, n-embd {cfg.n_embd})")
-    raise BytelmError(f"{what} would need about {_size(model_bytes + batch_bytes)} of memory for one training "
-                      f"step, more than the {_size(available)} of {where}; choose smaller settings")
-
-
-def _size(n: float) -> str:
-    unit = "B"
-    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
-        if n < 1000 or unit == "PB":
-            break
-        n /= 1000
-    return f"{n:,.0f} B" if unit == "B" else f"{n:,.1f} {unit}"
+    require_memory([(f"batch-size {cfg.batch_size} x seq-len {cfg.seq_len}, the batch and its activations",
+                     batch_bytes),
+                    (f"the model's shape (n-layer {cfg.n_layer}, n-embd {cfg.n_embd}), weights, gradients and "
+                     "optimizer state", model_bytes)],
+                   device, what="one training step", fix="choose smaller settings")

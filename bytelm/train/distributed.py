@@ -1,5 +1,5 @@
-"""The processes and cores a run trains on: torchrun's ranks (DDP), the collectives the loop needs, the CPU
-thread count, and how much memory the device has.
+"""The processes and cores a run trains on: torchrun's ranks (DDP), the collectives the loop needs and the CPU
+thread count. (How much memory a step may use is bytelm.device.require_memory's question.)
 
     d = setup_distributed("auto")     # Dist(rank, world_size, local_rank, device); one process without torchrun
     all_reduce_sum(t, d)              # in place across ranks; a no-op for one process
@@ -111,14 +111,3 @@ def set_threads(n: int, zero_is_automatic: bool = False) -> int:
     n = n or auto_threads()
     torch.set_num_threads(n)
     return n
-
-def device_memory(device: torch.device) -> tuple[int, str]:
-    """(bytes, in words) of memory a run on `device` can use at most: the GPU's, or the machine's RAM."""
-    if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-        return total, f"memory on {device}"
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 1 << 62, "memory"  # unknown (not POSIX): no bound from here
-    return total, "memory this machine has"

@@ -29,7 +29,7 @@ from bytelm.data.batches import BatchSampler, EvalBatches, eval_batches
 from bytelm.checkpoint import remove_stale_temps, save_checkpoint
 from bytelm.data.corpus import load_corpus
 from bytelm.device import autocast, default_dtype
-from bytelm.train.distributed import (Dist, all_reduce_max, all_reduce_sum, auto_threads, device_memory, setup_distributed,
+from bytelm.train.distributed import (Dist, all_reduce_max, all_reduce_sum, auto_threads, setup_distributed,
                           teardown_distributed)
 from bytelm.errors import BytelmError, DataError
 from bytelm.train.evaluate import evaluate, sample_prompt, sample_text
@@ -78,7 +78,7 @@ def _train(cfg: TrainConfig, d: Dist, progress: bool, command: str) -> dict:
     if d.main:  # temp files of saves that a SIGKILL cut short; safe to delete while we hold the run lock
         for p in (paths.best, paths.last):
             remove_stale_temps(p)
-    check_step_memory(cfg, *device_memory(device))  # before any allocation the settings decide
+    check_step_memory(cfg, device)  # before any allocation the settings decide
     if device.type == "cpu":
         torch.set_num_threads(cfg.threads or auto_threads())
 
