@@ -17,7 +17,7 @@ import torch
 from bytelm import ByteLM, ModelConfig, save_checkpoint
 from bytelm.config import MODEL_PRESETS
 from bytelm.errors import BytelmError
-from bytelm.codec.score import entropy_patches, score_bytes, window_plan
+from bytelm.codec.score import entropy_patches, score_bytes
 
 
 def random_model(seed: int = 0, **overrides) -> ByteLM:
@@ -54,19 +54,6 @@ def reference_logp(model: ByteLM, inputs: list[int]) -> torch.Tensor:
     with torch.no_grad():
         logits, _ = model(torch.tensor([inputs]))
     return torch.log_softmax(logits[0, -1].double(), -1)
-
-
-def test_window_plan_scores_every_prediction_once():
-    for n in (1, 5, 64, 65, 100, 1000):
-        for stride in (1, 7, 32, 64):
-            plan = window_plan(n, 64, stride)
-            scored = []
-            for i, (start, first) in enumerate(plan):
-                assert start <= first and (start == 0 or start + 64 <= n)
-                end = min(start + 64, n)
-                scored.extend(range(first, end))
-                assert first - start >= (64 - stride if i else 0)  # every byte has at least context - stride before it
-            assert scored == list(range(n))
 
 
 def test_scores_match_a_plain_forward_pass_within_one_context():

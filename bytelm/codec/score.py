@@ -28,6 +28,7 @@ import torch
 from bytelm.config import DOC_SEPARATOR
 from bytelm.errors import BytelmError
 from bytelm.model import ByteLM
+from bytelm.windows import sliding_windows
 
 _LN2 = math.log(2.0)
 # Positions per forward pass when batch_size is not given: large enough that the matrix products run near the
@@ -63,24 +64,6 @@ class ByteScores:
     def bits_per_byte(self) -> float:
         """Mean surprisal in bits; 0.0 for an empty input (nothing to code costs nothing)."""
         return self.total_bits / len(self) if len(self) else 0.0
-
-
-def window_plan(n: int, context: int, stride: int) -> list[tuple[int, int]]:
-    """(start, first scored position) of each window over a sequence of n predictions.
-
-    Window w reads inputs [start, start + context) and scores predictions [first, start + context) (clipped to
-    n). All windows but a lone first one are exactly `context` long, so they stack into one batch: the last
-    window starts at n - context rather than past the previous one by a full stride.
-    """
-    if n <= 0:
-        return []
-    plan = [(0, 0)]
-    scored_to = min(context, n)
-    while scored_to < n:
-        start = min(plan[-1][0] + stride, n - context)
-        plan.append((start, scored_to))
-        scored_to = start + context
-    return plan
 
 
 def _empty_scores(top_k: int) -> ByteScores:
@@ -136,19 +119,18 @@ def score_bytes(model: ByteLM, data: bytes, *, stride: int | None = None, top_k:
     targets = torch.from_numpy(seq[1:].astype(np.int64))  # (n,)
     out = ByteScores(np.empty(n, np.float32), np.empty(n, np.float32), np.empty(n, np.int16),
                      np.empty((n, top_k), np.uint8), np.empty((n, top_k), np.float32))
-    plan = window_plan(n, context, stride)
+    starts, firsts = sliding_windows(n, context, stride)  # bytelm/windows.py: the one sliding plan
     width = min(context, n)
     update, close = progress_callback(progress, n)
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            for b in range(0, len(plan), batch_size):
-                chunk = plan[b:b + batch_size]
-                starts = torch.tensor([s for s, _ in chunk])
-                index = starts[:, None] + torch.arange(width)  # (B, T)
+            for b in range(0, len(starts), batch_size):
+                chunk = starts[b:b + batch_size].tolist(), firsts[b:b + batch_size].tolist()
+                index = torch.tensor(chunk[0])[:, None] + torch.arange(width)  # (B, T)
                 logits, _ = model(inputs[index].to(device))  # (B, T, V)
-                for row, (start, first) in enumerate(chunk):
+                for row, (start, first) in enumerate(zip(*chunk)):
                     lo, hi = first - start, min(width, n - start)
                     _score_rows(logits[row, lo:hi], targets[first:start + hi], out, first, top_k)
                     update(hi - lo)

@@ -19,6 +19,7 @@ from bytelm.data.documents import check_rank
 from bytelm.errors import DataError
 from bytelm.device import require_memory
 from bytelm.data.split import check_size
+from bytelm.windows import sliding_windows
 
 STATE_VERSION = 2  # of BatchSampler.state_dict(): refused unless equal, so a resumed stream is always exact
 # Bytes per element of a (B, T + 1) batch while it is cut: the int64 index, the gathered uint8 window, its
@@ -220,17 +221,13 @@ class SlidingBatches(_FixedBatches):
         data = _as_array(data)
         check_size(data, seq_len, name)
         self.data, self.batch_size, self.seq_len = data, batch_size, seq_len
-        last = len(data) - 1 - seq_len  # the start of the window that ends at the split's end
-        n_windows = last // stride + 2
+        n_windows = (len(data) - 1 - seq_len) // stride + 2  # at most
         check_memory(n_windows * 40, f"sliding windows every {stride:,} bytes over {len(data):,} bytes",
-                     "raise the stride")  # starts, prev_end, first_scored and temporaries: int64
+                     "raise the stride")  # starts, first and temporaries: int64
         _check_batch_memory(batch_size, seq_len, 0, 0, rows=min(batch_size, n_windows))
-        starts = np.arange(0, last + 1, stride, dtype=np.int64)
-        if starts[-1] != last:
-            starts = np.append(starts, last)
-        # Window k predicts bytes starts[k]+1 .. starts[k]+T; it scores those past the previous window's end.
-        prev_end = np.concatenate(([0], starts[:-1] + seq_len))  # the last target index already scored
-        self.starts, self.first_scored = starts, prev_end - starts  # first scored position in each window
+        # Window k predicts bytes starts[k]+1 .. starts[k]+T and scores those from first[k] on (bytelm/windows.py).
+        self.starts, first = sliding_windows(len(data) - 1, seq_len, stride)
+        self.first_scored = first - self.starts  # first scored position in each window
 
     def batch(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = _windows(self.data, self.starts[rows], self.seq_len)
