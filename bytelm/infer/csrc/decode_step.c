@@ -319,8 +319,8 @@ int bytelm_decode_rows(DecodeStep *s, const DecodeRow *rows, int n) {
     }
     int max_len = 1;
     for (int b = 0; b < n; b++) {
-        char prefix[24];
-        snprintf(prefix, sizeof prefix, "row %d: ", b);
+        char prefix[24] = "";  /* a lone row (bytelm_decode_step's) is named by its fields alone */
+        if (n > 1) snprintf(prefix, sizeof prefix, "row %d: ", b);
         if (check_row(s, &rows[b], prefix)) return 1;
         max_len = rows[b].max_len > max_len ? rows[b].max_len : max_len;
     }
@@ -331,15 +331,10 @@ int bytelm_decode_rows(DecodeStep *s, const DecodeRow *rows, int n) {
 }
 
 /* Feeds `byte` at position `pos` into the row that s holds (its max_len, k_cache, v_cache and logits): one row
- * of bytelm_decode_rows, with the same checks. Returns 0, or 1 (nothing touched) with the reason in s->error. */
+ * of bytelm_decode_rows, which checks it. Returns 0, or 1 (nothing touched) with the reason in s->error. */
 int bytelm_decode_step(DecodeStep *s, int pos, int byte) {
     if (!s) return 1;
-    s->error[0] = '\0';
-    if (check_model(s)) return 1;
     const DecodeRow row = {byte, pos, s->max_len, s->k_cache, s->k_cache_size, s->v_cache, s->v_cache_size,
                            s->logits, s->logits_size};
-    if (check_row(s, &row, "")) return 1;
-    const int64_t need = row_scratch(s, s->max_len);
-    return check_buffer(s, "", "scratch", s->scratch, s->scratch_size, need, 1) || check_disjoint(s, &row, 1, need)
-        || (step_rows(s, &row, 1, 0), 0);
+    return bytelm_decode_rows(s, &row, 1);
 }
