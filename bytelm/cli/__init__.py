@@ -1,13 +1,8 @@
 """`bytelm` command: one subcommand per job, each owned by the module that does the job.
 
-    bytelm train ...          train a model            (bytelm.cli.train)
-    bytelm chat MODEL         interactive prompt       (bytelm.cli.chat)
-    bytelm generate MODEL     one generation to stdout (bytelm.cli.generate)
-    bytelm info MODEL         describe a checkpoint    (bytelm.cli.info)
-    bytelm score MODEL FILE   bits per byte, per byte  (bytelm.cli.score, bytelm.codec.score)
-
 Each module has `main(argv, prog)`; this file only dispatches, so `bytelm X` and `python X.py` share code.
-Command lines that belong to no other module live beside this file, one module per command.
+Command lines that belong to no other module live beside this file, one module per command. The list of
+subcommands below is generated from SUBCOMMANDS, the same table `bytelm --help` prints, so neither can drift.
 """
 from __future__ import annotations
 
@@ -30,6 +25,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "compress": ("bytelm.cli.compress", "compress a file losslessly with a model (gzip-style: IN -> IN.blz)"),
     "decompress": ("bytelm.cli.compress", "decompress a .blz file with the model that compressed it"),
 }
+__doc__ = (__doc__ or "") + "\n" + "\n".join(  # `python -OO` drops docstrings: then the list alone
+    f"    bytelm {name:<10} {help_}  ({module})" for name, (module, help_) in SUBCOMMANDS.items())
 
 
 def _dispatch(argv: Sequence[str] | None) -> int:

@@ -35,7 +35,8 @@ _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d{1,4})?")
 # Named starting points; flags override them. "default" is TrainConfig's own defaults.
 TRAIN_PRESETS: dict[str, dict] = {
     "default": {},
-    # The upstream recipe exactly: default 6x8x192 model, context 512. Hours on a CPU; minutes on a GPU.
+    # The seed recipe: upstream's exactly (the project bytelm grew from), default 6x8x192 model, context 512.
+    # Hours on a CPU; minutes on a GPU.
     "seed": dict(batch_size=24, seq_len=512, block_size=512, steps=5000, muon_lr=0.01, adam_lr=0.001,
                  warmup=100, eval_every=250, eval_batches=20, save_every=250, time_budget=0.0),
     # Tests and smoke runs: trains in seconds, so compiling (tens of seconds) never pays, even for --steps 100000
