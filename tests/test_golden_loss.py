@@ -10,7 +10,6 @@ import random
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 GOLDEN = Path(__file__).with_name("golden") / "losses.json"
