@@ -11,7 +11,8 @@ made from at least context - stride positions before it, as a compressor running
 would see it. Costs context / stride times the positions of consecutive windows.
 
 One plan for every sliding score: bytelm.data.batches.SlidingBatches (time-to-quality's sliding evaluation) and
-bytelm.codec.score.score_bytes (`bytelm score`, the server's /score, compression's model estimate).
+bytelm.codec.score.score_bytes (`bytelm score`, the server's /v1/score, and the model's bits per byte that
+bench/bench_compress.py sets beside the compressed sizes).
 """
 from __future__ import annotations
 
