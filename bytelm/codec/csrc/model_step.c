@@ -159,41 +159,57 @@ int detstep_rope(float *cos_out, float *sin_out, int64_t size, int32_t T, int32_
     return 0;
 }
 
+/* Eight floats that the compiler maps onto whatever vectors the target has (one AVX register, two SSE or NEON
+ * ones, or eight scalars at -O0): each lane is its own IEEE operation, so the results are the same. */
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v8u __attribute__((vector_size(32), aligned(4)));  /* for loads and stores at any float */
+
 /* Y (rows, N) = X (rows, K) @ W (K, N), each element one chain over k (see the top). Four rows by sixteen
- * columns at a time, their 64 sums in registers while W's (K, 16) panel is read once per four rows. When
- * `add`, Y = Y + that product (the residual), added after the chain. */
+ * columns at a time, their 64 sums in eight vector registers while W's (K, 16) panel is read once per four
+ * rows. When `add`, Y = Y + that product (the residual), added after the chain. */
 static void matmul(const float *restrict X, int rows, int K, const float *restrict W, int N, float *restrict Y,
                    int add) {
-    for (int n0 = 0; n0 < N; n0 += 16) {
-        int nb = N - n0 < 16 ? N - n0 : 16;
-        for (int r0 = 0; r0 < rows; r0 += 4) {
-            int rb = rows - r0 < 4 ? rows - r0 : 4;
-            float acc[4][16];
-            if (nb == 16 && rb == 4) {
-                for (int i = 0; i < 4; i++) for (int j = 0; j < 16; j++) acc[i][j] = 0.0f;
-                for (int k = 0; k < K; k++) {
-                    const float *restrict w = W + (size_t)k * N + n0;
-                    for (int i = 0; i < 4; i++) {
-                        float x = X[(size_t)(r0 + i) * K + k];
-                        for (int j = 0; j < 16; j++) acc[i][j] = acc[i][j] + x * w[j];
-                    }
-                }
-            } else {
-                for (int i = 0; i < rb; i++) for (int j = 0; j < nb; j++) acc[i][j] = 0.0f;
-                for (int k = 0; k < K; k++) {
-                    const float *restrict w = W + (size_t)k * N + n0;
-                    for (int i = 0; i < rb; i++) {
-                        float x = X[(size_t)(r0 + i) * K + k];
-                        for (int j = 0; j < nb; j++) acc[i][j] = acc[i][j] + x * w[j];
-                    }
-                }
+    int n0 = 0;
+    for (; n0 + 16 <= N; n0 += 16) {
+        int r0 = 0;
+        for (; r0 + 4 <= rows; r0 += 4) {
+            v8 a00 = {0}, a01 = {0}, a10 = {0}, a11 = {0}, a20 = {0}, a21 = {0}, a30 = {0}, a31 = {0};
+            const float *restrict x0 = X + (size_t)r0 * K, *restrict x1 = x0 + K, *restrict x2 = x1 + K,
+                        *restrict x3 = x2 + K;
+            for (int k = 0; k < K; k++) {
+                const float *w = W + (size_t)k * N + n0;
+                const v8 w0 = *(const v8u *)w, w1 = *(const v8u *)(w + 8);
+                a00 = a00 + x0[k] * w0; a01 = a01 + x0[k] * w1;
+                a10 = a10 + x1[k] * w0; a11 = a11 + x1[k] * w1;
+                a20 = a20 + x2[k] * w0; a21 = a21 + x2[k] * w1;
+                a30 = a30 + x3[k] * w0; a31 = a31 + x3[k] * w1;
             }
-            for (int i = 0; i < rb; i++) {
-                float *y = Y + (size_t)(r0 + i) * N + n0;
-                for (int j = 0; j < nb; j++) y[j] = add ? y[j] + acc[i][j] : acc[i][j];
+            v8 acc[8] = {a00, a01, a10, a11, a20, a21, a30, a31};
+            for (int i = 0; i < 4; i++)
+                for (int h = 0; h < 2; h++) {
+                    v8u *y = (v8u *)(Y + (size_t)(r0 + i) * N + n0 + 8 * h);
+                    *y = add ? *y + acc[2 * i + h] : acc[2 * i + h];
+                }
+        }
+        for (; r0 < rows; r0++) {
+            v8 a0 = {0}, a1 = {0};
+            const float *restrict x = X + (size_t)r0 * K;
+            for (int k = 0; k < K; k++) {
+                const float *w = W + (size_t)k * N + n0;
+                a0 = a0 + x[k] * *(const v8u *)w;
+                a1 = a1 + x[k] * *(const v8u *)(w + 8);
             }
+            v8u *y = (v8u *)(Y + (size_t)r0 * N + n0);
+            y[0] = add ? y[0] + a0 : a0;
+            y[1] = add ? y[1] + a1 : a1;
         }
     }
+    for (; n0 < N; n0++)  /* columns past the last multiple of 16: one chain each, in the same order */
+        for (int r = 0; r < rows; r++) {
+            float a = 0.0f;
+            for (int k = 0; k < K; k++) a = a + X[(size_t)r * K + k] * W[(size_t)k * N + n0];
+            Y[(size_t)r * N + n0] = add ? Y[(size_t)r * N + n0] + a : a;
+        }
 }
 
 /* out (n) = x / sqrt(mean(x^2) + eps) * w (w may be NULL: no weight), as torch's RMSNorm orders it. */
