@@ -79,10 +79,10 @@ static float sum8(const float *restrict x, int n, int squares) {
 /* e^x for x <= 0 (0 below -87, where e^x would be subnormal): x = n ln2 + r, |r| <= ln2 / 2, e^r by its Taylor
  * polynomial to r^7 (relative error < 2e-7 before rounding), times 2^n by building the exponent. */
 static inline float exp_f(float x) {
-    if (!(x > -87.0f)) return 0.0f;
+    const float xc = x > -87.0f ? x : -87.0f;  /* no branch, so a loop of exp_f vectorises */
     const float shifter = 12582912.0f;  /* 1.5 * 2^23: adding and subtracting it rounds to an integer */
-    float n = (x * 1.44269504f + shifter) - shifter;
-    float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;  /* ln 2 in two parts: the first times n is exact */
+    float n = (xc * 1.44269504f + shifter) - shifter;
+    float r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;  /* ln 2 in two parts: the first times n is exact */
     float p = 1.98412698e-4f;
     p = p * r + 1.38888889e-3f;
     p = p * r + 8.33333333e-3f;
@@ -92,7 +92,7 @@ static inline float exp_f(float x) {
     p = p * r + 1.0f;
     p = p * r + 1.0f;
     union { uint32_t u; float f; } scale = {.u = (uint32_t)((int32_t)n + 127) << 23};
-    return p * scale.f;
+    return x > -87.0f ? p * scale.f : 0.0f;
 }
 
 /* Double-precision e^x, ln x, sin, cos for the rotary tables (once per step object, so speed is no concern). */
@@ -227,25 +227,66 @@ typedef struct {
     int failed;
 } Job;
 
+/* s (n) = q (D) . kt[:, t] for t < n, kt (D, T): each s[t] one chain over d, 32 or 8 positions per pass with
+ * the sums in vector registers (lanes are positions, so the vector width changes nothing). */
+static void scores(const float *restrict q, const float *restrict kt, int D, int T, int n, float *restrict s) {
+    int t0 = 0;
+    for (; t0 + 32 <= n; t0 += 32) {
+        v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+        for (int d = 0; d < D; d++) {
+            const float *k = kt + (size_t)d * T + t0;
+            a0 = a0 + q[d] * *(const v8u *)k; a1 = a1 + q[d] * *(const v8u *)(k + 8);
+            a2 = a2 + q[d] * *(const v8u *)(k + 16); a3 = a3 + q[d] * *(const v8u *)(k + 24);
+        }
+        *(v8u *)(s + t0) = a0; *(v8u *)(s + t0 + 8) = a1; *(v8u *)(s + t0 + 16) = a2; *(v8u *)(s + t0 + 24) = a3;
+    }
+    for (; t0 + 8 <= n; t0 += 8) {
+        v8 a = {0};
+        for (int d = 0; d < D; d++) a = a + q[d] * *(const v8u *)(kt + (size_t)d * T + t0);
+        *(v8u *)(s + t0) = a;
+    }
+    for (; t0 < n; t0++) {
+        float a = 0.0f;
+        for (int d = 0; d < D; d++) a = a + q[d] * kt[(size_t)d * T + t0];
+        s[t0] = a;
+    }
+}
+
+/* y (D) = sum over t < n of p[t] vt[t] (vt (n, D)), each y[d] one chain over t, 32 or 8 lanes per pass. */
+static void weighted_sum(const float *restrict p, const float *restrict vt, int n, int D, float *restrict y) {
+    int d0 = 0;
+    for (; d0 + 32 <= D; d0 += 32) {
+        v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+        for (int t = 0; t < n; t++) {
+            const float *v = vt + (size_t)t * D + d0;
+            a0 = a0 + p[t] * *(const v8u *)v; a1 = a1 + p[t] * *(const v8u *)(v + 8);
+            a2 = a2 + p[t] * *(const v8u *)(v + 16); a3 = a3 + p[t] * *(const v8u *)(v + 24);
+        }
+        *(v8u *)(y + d0) = a0; *(v8u *)(y + d0 + 8) = a1; *(v8u *)(y + d0 + 16) = a2; *(v8u *)(y + d0 + 24) = a3;
+    }
+    for (; d0 + 8 <= D; d0 += 8) {
+        v8 a = {0};
+        for (int t = 0; t < n; t++) a = a + p[t] * *(const v8u *)(vt + (size_t)t * D + d0);
+        *(v8u *)(y + d0) = a;
+    }
+    for (; d0 < D; d0++) {
+        float a = 0.0f;
+        for (int t = 0; t < n; t++) a = a + p[t] * vt[(size_t)t * D + d0];
+        y[d0] = a;
+    }
+}
+
 /* One head's attention for a query at position p: y (D) = softmax(q . k_t / sqrt(D)) . v_t over t <= p.
  * kt (D, T) this head's keys, transposed; vt (T, D); s (T) scratch. */
 static void attend(const float *restrict q, const float *restrict kt, const float *restrict vt, int p, int D,
                    int T, float scale, float *restrict s, float *restrict y) {
     int n = p + 1;
-    for (int t = 0; t < n; t++) s[t] = 0.0f;
-    for (int d = 0; d < D; d++) {
-        const float qd = q[d], *restrict k = kt + (size_t)d * T;
-        for (int t = 0; t < n; t++) s[t] = s[t] + qd * k[t];
-    }
+    scores(q, kt, D, T, n, s);
     float top = s[0] * scale;
     for (int t = 0; t < n; t++) { s[t] = s[t] * scale; top = s[t] > top ? s[t] : top; }
     for (int t = 0; t < n; t++) s[t] = exp_f(s[t] - top);
     const float inv = 1.0f / sum8(s, n, 0);
-    for (int d = 0; d < D; d++) y[d] = 0.0f;
-    for (int t = 0; t < n; t++) {
-        const float pt = s[t], *restrict v = vt + (size_t)t * D;
-        for (int d = 0; d < D; d++) y[d] = y[d] + pt * v[d];
-    }
+    weighted_sum(s, vt, n, D, y);
     for (int d = 0; d < D; d++) y[d] = y[d] * inv;
 }
 
