@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import platform
+import shutil
+import struct
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -183,3 +187,41 @@ def test_no_compiler_is_one_clear_line(model, monkeypatch):
     monkeypatch.setattr(native, "compiler", lambda: None)
     with pytest.raises(BytelmError, match="compression needs a C compiler"):
         model_step.load_library(["-O1", *COMMON_FLAGS])  # flags no test built, so nothing is cached
+
+
+DRIVER = Path(__file__).with_name("model_step_driver.c")
+
+
+def driver_input(model: ByteLM, data: np.ndarray, stride: int) -> bytes:
+    """What tests/model_step_driver.c reads: dimensions, weights in model_step.c's layouts, the rows' inputs."""
+    cfg = model.config
+    weights = model_step._weights(model)
+    head = struct.pack("<10i2fd", cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.mlp_ratio * cfg.n_embd, 256, CONTEXT,
+                       int(cfg.value_embeds), data.shape[0], data.shape[1], stride, cfg.norm_eps,
+                       float(np.finfo(np.float32).eps), cfg.rope_base)
+    inputs = np.concatenate([np.full((data.shape[0], 1), DOC_SEPARATOR, np.uint8), data[:, :-1]], 1)
+    return head + b"".join(a.astype("<f4").tobytes() for a in weights.values() if a is not None) + inputs.tobytes()
+
+
+@pytest.mark.parametrize("target", ["native", "arm64"])
+def test_a_stand_alone_build_gives_the_same_counts(model, tmp_path, target):
+    """The C step as a program of its own gives the counts the library gives: built for this machine, and, where
+    Debian's cross compiler and qemu-user are installed, built for ARM64 (NEON, another libc's startup) and run
+    under emulation."""
+    flags = [f for f in COMMON_FLAGS if f not in ("-shared", "-fPIC")]
+    if target == "native":
+        cc, run_with = native.compiler(), []
+    else:
+        cc, qemu = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64")
+        if not (cc and qemu):
+            pytest.skip("no ARM64 cross compiler and qemu-user here (apt-get install gcc-aarch64-linux-gnu qemu-user)")
+        run_with = [qemu, "-L", "/usr/aarch64-linux-gnu"]
+    exe = tmp_path / f"driver-{target}"
+    subprocess.run([cc, "-O2", *flags, str(DRIVER), "-o", str(exe), "-lm"], check=True, capture_output=True,
+                   timeout=120)
+    data = rows_data(3, 120)
+    done = subprocess.run([*run_with, str(exe)], input=driver_input(model, data, STRIDE), capture_output=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    theirs = np.frombuffer(done.stdout, "<u4").reshape(120, 3, 256).transpose(1, 0, 2)
+    assert np.array_equal(theirs, run(DeterministicStep(model, 3, CONTEXT, STRIDE, threads=1), data))
