@@ -167,8 +167,8 @@ typedef float v8u __attribute__((vector_size(32), aligned(4)));  /* for loads an
 /* Y (rows, N) = X (rows, K) @ W (K, N), each element one chain over k (see the top). Four rows by sixteen
  * columns at a time, their 64 sums in eight vector registers while W's (K, 16) panel is read once per four
  * rows. When `add`, Y = Y + that product (the residual), added after the chain. */
-static void matmul(const float *restrict X, int rows, int K, const float *restrict W, int N, float *restrict Y,
-                   int add) {
+static void matmul_block(const float *restrict X, int rows, int K, const float *restrict W, int N,
+                         float *restrict Y, int add) {
     int n0 = 0;
     for (; n0 + 16 <= N; n0 += 16) {
         int r0 = 0;
@@ -210,6 +210,14 @@ static void matmul(const float *restrict X, int rows, int K, const float *restri
             for (int k = 0; k < K; k++) a = a + X[(size_t)r * K + k] * W[(size_t)k * N + n0];
             Y[(size_t)r * N + n0] = add ? Y[(size_t)r * N + n0] + a : a;
         }
+}
+
+/* matmul_block over blocks of 32 rows: a re-encode multiplies thousands of rows, and a block's rows stay in
+ * the L1 and L2 caches while every panel of W passes (the blocks change no sum). */
+static void matmul(const float *restrict X, int rows, int K, const float *restrict W, int N, float *restrict Y,
+                   int add) {
+    for (int r0 = 0; r0 < rows; r0 += 32)
+        matmul_block(X + (size_t)r0 * K, rows - r0 < 32 ? rows - r0 : 32, K, W, N, Y + (size_t)r0 * N, add);
 }
 
 /* out (n) = x / sqrt(mean(x^2) + eps) * w (w may be NULL: no weight), as torch's RMSNorm orders it. */
