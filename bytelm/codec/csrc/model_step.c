@@ -332,10 +332,10 @@ static void *run_rows(void *arg) {
     const int J = c->tokens, N = job->rows * J;  /* vectors: row-major over (row, token) */
     const int want = c->counts != NULL;
     const float scale = 1.0f / sqrtf((float)D);
-    float *buf = malloc(sizeof(float) * ((size_t)N * (3 * C + 3 * C + F) + T + 2 * V));
+    float *buf = malloc(sizeof(float) * ((size_t)N * (3 * C + 3 * C + F) + T + V + (size_t)job->rows * V));
     if (!buf) { job->failed = 1; fesetenv(&saved); return NULL; }
     float *x = buf, *h = x + (size_t)N * C, *y = h + (size_t)N * C, *qkv = y + (size_t)N * C;
-    float *mid = qkv + (size_t)N * 3 * C, *s = mid + (size_t)N * F, *e = s + T;
+    float *mid = qkv + (size_t)N * 3 * C, *s = mid + (size_t)N * F, *e = s + T, *logits = e + V;
     for (int v = 0; v < N; v++) {
         int r = job->row0 + v / J, j = v % J;
         memcpy(x + (size_t)v * C, m->embed + (size_t)c->token[(size_t)r * J + j] * C, sizeof(float) * C);
@@ -361,7 +361,8 @@ static void *run_rows(void *arg) {
                     u[i + half] = x2 * cs[i] - x1 * sn[i];
                 }
             }
-            float *kc = c->keys + (((size_t)r * L + l) * H) * D * T, *vc = c->values + (((size_t)r * L + l) * H) * T * D;
+            float *kc = c->keys + (((size_t)r * L + l) * H) * D * T;
+            float *vc = c->values + (((size_t)r * L + l) * H) * T * D;
             for (int hd = 0; hd < H; hd++)
                 for (int i = 0; i < D; i++) {
                     kc[((size_t)hd * D + i) * T + p] = k[hd * D + i];
@@ -383,14 +384,13 @@ static void *run_rows(void *arg) {
         for (size_t i = 0; i < (size_t)N * F; i++) mid[i] = mid[i] > 0.0f ? mid[i] * mid[i] : 0.0f;  /* ReLU^2 */
         matmul(mid, N, F, m->w_out + (size_t)l * F * C, C, x, 1);
     }
-    if (want)
-        for (int i = 0; i < job->rows; i++) {  /* the last token of each row */
-            int v = i * J + J - 1;
-            float logits[256];
-            rms_norm(x + (size_t)v * C, m->norm_f, h, C, m->eps);
-            matmul(h, 1, C, m->head, V, logits, 0);
-            quantize(logits, V, e, c->counts + (size_t)(job->row0 + i) * V);
-        }
+    if (want) {  /* the last token of each row: all rows' logits in one product, which reads the head once */
+        for (int i = 0; i < job->rows; i++)
+            rms_norm(x + ((size_t)i * J + J - 1) * C, m->norm_f, h + (size_t)i * C, C, m->eps);
+        matmul(h, job->rows, C, m->head, V, logits, 0);
+        for (int i = 0; i < job->rows; i++)
+            quantize(logits + (size_t)i * V, V, e, c->counts + (size_t)(job->row0 + i) * V);
+    }
     free(buf);
     fesetenv(&saved);
     return NULL;
