@@ -40,6 +40,8 @@ def test_installed_wheel_builds_and_loads_the_c_library(tmp_path):
     from bytelm.infer.native import HEADERS, SOURCES
     for path in SOURCES + HEADERS:  # every file the build reads, shipped
         assert (site / "bytelm" / "infer" / "csrc" / path.name).is_file(), path.name
+    from bytelm.codec.model_step import SOURCE
+    assert (site / "bytelm" / "codec" / "csrc" / SOURCE.name).is_file()  # the compression step's
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

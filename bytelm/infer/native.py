@@ -81,18 +81,19 @@ _tried = False
 _state = {"state": "not loaded yet", "path": None, "detail": ""}
 
 
-def _compiler() -> str | None:
+def compiler() -> str | None:
+    """The C compiler to build with ($CC, else the first of gcc, cc, clang on the PATH), or None."""
     return next((c for c in (os.environ.get("CC"), *_COMPILERS) if c and shutil.which(c)), None)
 
 
-def _cache_key(compiler: str) -> str:
+def _cache_key(compiler: str, files: list[Path], flags: list[str]) -> str:
     """The sources, headers, compiler, flags and CPU features, hashed: one library per combination."""
     from bytelm.device import cpu_flags, cpu_model
 
     h = hashlib.sha256()
-    for path in SOURCES + HEADERS:
+    for path in files:
         h.update(path.read_bytes())
-    h.update(repr((compiler, _FLAGS, cpu_model(), sorted(cpu_flags()))).encode())
+    h.update(repr((compiler, flags, cpu_model(), sorted(cpu_flags()))).encode())
     return h.hexdigest()[:16]
 
 
@@ -144,14 +145,14 @@ def _damage(path: Path) -> str | None:
     return None
 
 
-def _build(compiler: str, path: Path) -> None:
+def _build(compiler: str, path: Path, sources: list[Path], flags: list[str]) -> None:
     """Compile the sources into `path`, with its checksum recorded, both fsynced and renamed into place."""
     from bytelm.files import atomic_write
 
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".build", dir=path.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *_FLAGS, *map(str, SOURCES), "-o", tmp, "-lm"], check=True,
+        subprocess.run([compiler, *flags, *map(str, sources), "-o", tmp, "-lm"], check=True,
                        stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
         data = Path(tmp).read_bytes()
     finally:
@@ -191,25 +192,32 @@ def _unavailable(state: str, detail: str, warn: bool) -> None:
         print(f"bytelm: warning: {detail}", file=sys.stderr)
 
 
-def _load(compiler: str) -> ctypes.CDLL:
-    """Verify (rebuilding if damaged or missing) and load the cached library; raises on any failure."""
+def load_cached(compiler: str, name: str, sources: list[Path], headers: list[Path],
+                flags: list[str]) -> tuple[ctypes.CDLL, Path, bool]:
+    """Verify (rebuilding if damaged or missing) and load the cached library `name` built from `sources` with
+    `flags`; returns (library, its path, whether it was compiled now). Raises on any failure. Other C libraries
+    of the package (bytelm/codec/model_step.py) are built and loaded through here too."""
     from bytelm.files import private_dir
 
     folder = private_dir(cache_dir())
     why = _untrusted_folders(folder)
     if why:
         raise PermissionError(why)
-    path = folder / f"decode_step-{_cache_key(compiler)}.so"
+    path = folder / f"{name}-{_cache_key(compiler, sources + headers, flags)}.so"
     damage = _damage(path) if path.exists() else "not built yet"
     if damage:
         if path.exists():
             print(f"bytelm: the cached C library {path} was damaged ({damage}); rebuilding it", file=sys.stderr)
-        _build(compiler, path)
+        _build(compiler, path, sources, flags)
         if _damage(path):  # only a file changed under us gets here
             raise OSError(f"{path} changed while it was being built")
-    lib = ctypes.CDLL(str(path))
+    return ctypes.CDLL(str(path)), path, bool(damage)
+
+
+def _load(compiler: str) -> ctypes.CDLL:
+    lib, path, compiled = load_cached(compiler, "decode_step", SOURCES, HEADERS, _FLAGS)
     _bind(lib)
-    _state.update(state="compiled" if damage else "loaded from cache", path=str(path), detail="")
+    _state.update(state="compiled" if compiled else "loaded from cache", path=str(path), detail="")
     return lib
 
 
@@ -222,12 +230,12 @@ def library() -> ctypes.CDLL | None:
     if os.environ.get("BYTELM_NATIVE", "1") == "0":
         _unavailable("off", "off (BYTELM_NATIVE=0)", warn=False)
         return None
-    compiler = _compiler()
-    if compiler is None:
+    cc = compiler()
+    if cc is None:
         _unavailable("no compiler", f"no C compiler found ({', '.join(_COMPILERS)})", warn=False)
         return None
     try:
-        _lib = _load(compiler)
+        _lib = _load(cc)
     # RuntimeError: Path.home() with no home folder to put the cache in
     except (OSError, subprocess.SubprocessError, AttributeError, ImportError, RuntimeError) as e:
         detail = (getattr(e, "stderr", b"") or b"").decode(errors="replace").strip()
@@ -247,4 +255,4 @@ def describe() -> dict:
     """What `bytelm env` shows: the state ("compiled", "loaded from cache", "off", "no compiler",
     "unavailable", "not loaded yet"), the library's path, the reason when there is none, the compiler, the
     cache folder."""
-    return {**_state, "compiler": _compiler(), "cache": str(cache_dir())}
+    return {**_state, "compiler": compiler(), "cache": str(cache_dir())}
