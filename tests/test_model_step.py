@@ -18,7 +18,7 @@ import torch
 from bytelm import ByteLM, ModelConfig
 from bytelm.codec import model_step
 from bytelm.codec.model_step import COMMON_FLAGS, COUNT_BITS, DeterministicStep
-from bytelm.codec.score import window_plan
+from bytelm.windows import sliding_windows
 from bytelm.config import DOC_SEPARATOR
 from bytelm.errors import BytelmError
 from bytelm.infer import native
@@ -108,12 +108,13 @@ def test_a_rows_counts_depend_only_on_its_own_bytes(model):
 
 
 def torch_probs(model: ByteLM, row: np.ndarray, context: int, stride: int) -> np.ndarray:
-    """The torch model's probabilities (n, 256) for each byte of row, windows placed by score's window_plan."""
+    """The torch model's probabilities (n, 256) for each byte of row, windows placed by bytelm.windows.sliding_windows."""
     n = len(row)
     inputs = torch.from_numpy(np.concatenate([[DOC_SEPARATOR], row[:-1]]).astype(np.int64))
     out = np.zeros((n, 256))
     with torch.no_grad():
-        for start, first in window_plan(n, context, stride):
+        for start, first in zip(*sliding_windows(n, context, stride)):
+            start, first = int(start), int(first)
             logits, _ = model(inputs[start:start + context][None])
             out[first:start + context] = torch.softmax(logits[0].double(), -1).numpy()[first - start:]
     return out

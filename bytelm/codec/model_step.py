@@ -15,7 +15,7 @@ The interface the coder (bytelm/codec/compress.py) relies on:
     [w S, w S + context) at positions 0.. of the model, and makes predictions w S + context - S .. w S +
     context - 1 (the first window: all of its predictions). When a window is full, the next call first
     re-encodes the kept context - S inputs, which costs (context - S) / S extra steps per coded byte: a larger
-    stride is faster, a smaller one predicts from more context. This is bytelm.codec.score.window_plan, except
+    stride is faster, a smaller one predicts from more context. This is bytelm.windows.sliding_windows, except
     that score's last window may start earlier (score knows where its input ends; a stream does not).
   * STEP_VERSION names the arithmetic: the container records it, and any build of a version on any machine
     gives the same counts. Change it whenever the C step or the quantisation changes a single bit.
