@@ -353,6 +353,40 @@ def test_a_run_that_slows_down_after_planning_still_finishes_its_decay(tmp_path,
     assert all(b <= a + 1e-9 for a, b in zip(scales[peak:], scales[peak + 1:]))  # flat, then only down
 
 
+@pytest.mark.slow
+def test_a_slow_start_does_not_leave_the_time_budget_unused(tmp_path, corpus_file, monkeypatch):
+    """The first steps are slow (as on a busy machine or while compiling), so the plan at step 20 is short;
+    with no evaluation before its end, only the clock's re-plans can lengthen it: the run must still end
+    within a few percent of its budget, its decay run to the end (issue 34: 7 of 10 minutes went unused)."""
+    real_forward = training.Run.forward
+
+    def slow_start(self, x, y):
+        if self.step < 20:
+            time.sleep(0.25)
+        return real_forward(self, x, y)
+
+    monkeypatch.setattr(training.Run, "forward", slow_start)
+    budget = 20.0
+    cfg = tiny(tmp_path, corpus_file, steps=100_000, eval_every=100_000, save_every=100_000, sample_bytes=0,
+               time_budget=budget)
+    summary = train(cfg, progress=False)
+    assert summary["stop_reason"] == "done", summary
+    assert summary["steps"] == summary["total_steps"] < 100_000
+    assert 0.93 * budget <= summary["seconds"] <= 1.02 * budget, summary
+    scales = [r["lr_scale"] for r in read_metrics(RunPaths.for_out(cfg.out).metrics) if "loss" in r]
+    saved = read_checkpoint(RunPaths.for_out(cfg.out).last)["train_state"]
+    assert scales[-1] == pytest.approx(1 / round(saved["config"]["cooldown"] * summary["total_steps"]))
+
+
+def test_the_plan_is_refitted_on_the_clock_and_every_few_percent_of_its_steps():
+    cfg = TrainConfig(steps=1000, time_budget=100.0)
+    assert not schedule.replan_due(20, 10.0, (20, 10.0), cfg)  # nothing since the last plan
+    assert not schedule.replan_due(30, 12.0, (20, 10.0), cfg)  # 10 steps, 2 s: neither 5% of the run
+    assert schedule.replan_due(21, 15.0, (20, 10.0), cfg)  # 5 s: 5% of the budget, however few steps
+    assert schedule.replan_due(70, 11.0, (20, 10.0), cfg)  # 50 steps: 5% of the planned steps
+    assert schedule.replan_due(23, 10.1, (20, 10.0), TrainConfig(steps=40, time_budget=100.0))  # at least 3
+
+
 def test_replanning_follows_the_measured_pace_and_never_moves_the_decay_into_the_past():
     cfg = TrainConfig(steps=1000, time_budget=100.0, cooldown=0.4)
     fit = 200 + int((1 - schedule.REPLAN_MARGIN) * 60 / 0.1)

@@ -40,7 +40,8 @@ from bytelm.train.optim import build_optimizers
 from bytelm.train.resume import METRIC_NAMES, build_train_state, read_resume_state, restore, resume_warnings
 from bytelm.train.run_files import RunLog, RunPaths, refuse_to_overwrite, remove_run_files, run_file_error, run_lock
 from bytelm.train.report import closing_line, divergence_message, eval_line, opening_line, progress_postfix, sample_line
-from bytelm.train.schedule import PLAN_AT_STEP, in_short_phase, lr_scale, median_step_time, muon_momentum, plan_steps, replan_steps
+from bytelm.train.schedule import (PLAN_AT_STEP, in_short_phase, lr_scale, median_step_time, muon_momentum,
+                                   plan_steps, replan_due, replan_steps)
 from bytelm.train.config import COMPILE_MIN_STEPS, TRAIN_PRESETS, TrainConfig, check_step_memory
 
 __all__ = ["TrainConfig", "TRAIN_PRESETS", "train", "NonFiniteLoss"]
@@ -199,6 +200,7 @@ class Run:
     step_times: list = field(default_factory=list)
     rate: float | None = None  # training bytes per second, smoothed
     plan_mark: tuple[int, float] | None = None  # (step, time) of the last plan by the time budget
+    replan_now: bool = False  # the last step found the plan due for a refit (schedule.replan_due, every rank)
     asked_steps: int = 0  # --steps as given, before any plan
 
     @property
@@ -239,7 +241,8 @@ class Run:
                         self.evaluate()
                     if self.step % cfg.save_every == 0 or self.step == cfg.steps or paused:
                         self.save_last()
-                    if self.plan_mark and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                    if self.plan_mark and self.step < cfg.steps and (self.step % cfg.eval_every == 0
+                                                                      or self.replan_now):
                         self.replan()
                     if paused:
                         return "time_budget" if time_up else "interrupted" if interrupted else "paused"
@@ -272,8 +275,11 @@ class Run:
         else:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         # One collective per step carries everything the ranks must agree on.
-        time_up = cfg.time_budget > 0 and time.perf_counter() - self.t_start >= cfg.time_budget
-        flags = torch.tensor([float(stop.requested or time_up), float(time_up)], dtype=torch.float64, device=device)
+        now = time.perf_counter()
+        time_up = cfg.time_budget > 0 and now - self.t_start >= cfg.time_budget
+        due = self.plan_mark is not None and replan_due(self.step + 1, now, self.plan_mark, cfg)
+        flags = torch.tensor([float(stop.requested or time_up), float(time_up), float(due)], dtype=torch.float64,
+                             device=device)
         flags = all_reduce_sum(torch.cat([loss.detach().double().view(1),
                                           grad_norm.detach().double().to(device).view(1), flags]), self.d).tolist()
         loss_value = flags[0] / self.d.world_size
@@ -287,6 +293,7 @@ class Run:
             opt.zero_grad(set_to_none=True)
         self.step += 1
         self.after_step(loss_value, scale, time.perf_counter() - t_step)
+        self.replan_now = flags[4] > 0  # any rank's clock: the ranks re-plan together
         return flags[2] > 0, flags[3] > 0
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -329,7 +336,8 @@ class Run:
             self.set_total_steps(planned, cfg.cooldown)
 
     def replan(self) -> None:
-        """Refit the plan at an evaluation to the pace since the last plan, evaluations and saves included."""
+        """Refit the plan to the pace since the last plan, evaluations and saves included: at each evaluation
+        and every few percent of the budget (schedule.replan_due), in both directions."""
         cfg, now = self.cfg, time.perf_counter()
         pace = (now - self.plan_mark[1]) / (self.step - self.plan_mark[0])
         if self.d.world_size > 1:
@@ -337,9 +345,9 @@ class Run:
         replanned, cooldown = replan_steps(cfg, self.step, now - self.t_start, pace, self.asked_steps)
         self.plan_mark = (self.step, now)
         # Any shortening is taken (running over the budget cuts the decay short); a longer plan only when it
-        # gains over 1%, so a steady pace does not re-plan at every evaluation.
+        # gains over 1%, so a steady pace does not re-plan every time. Said when it moves the end by over 5%.
         if replanned < cfg.steps or replanned > 1.01 * cfg.steps:
-            if abs(replanned - cfg.steps) > 0.01 * cfg.steps:
+            if abs(replanned - cfg.steps) > 0.05 * cfg.steps:
                 self.say(f"time budget: {pace:.2f} s per step since the last plan, evaluations included; "
                          f"re-planned as {replanned} steps instead of {cfg.steps}")
             self.set_total_steps(replanned, cooldown)

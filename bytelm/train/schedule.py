@@ -24,6 +24,12 @@ PLAN_AT_STEP = 20  # with a time budget, steps 5..20 are timed and the run's len
 # evaluations hit the hard stop two steps before the end of its decay.
 REPLAN_MARGIN = 0.1
 
+# Between evaluations the plan is also refitted every this share of the budget on the clock, or of the planned
+# steps, whichever comes first: a slow start (compilation, another program) or a burst of load is then caught
+# within a few percent of the run, not only at an evaluation that may never come (eval_every beyond the plan).
+REPLAN_EVERY = 0.05
+REPLAN_MIN_STEPS = 3  # fewer steps than this time the pace too coarsely to refit on
+
 
 def lr_scale(step: int, total_steps: int, warmup: int, cooldown: float) -> float:
     """Learning-rate multiplier for the update that turns `step` completed steps into step + 1.
@@ -86,7 +92,7 @@ def plan_steps(cfg: TrainConfig, step: int, elapsed: float, per_step: float) -> 
 def replan_steps(cfg: TrainConfig, step: int, elapsed: float, pace: float, asked: int) -> tuple[int, float]:
     """Refit the run to `pace`, the seconds per step measured since the last plan with evaluations, saves and
     any slowdown of the machine included, so that the learning-rate decay ends as the budget does, whether the
-    machine slowed down or sped up since the last plan. Used at each evaluation. `asked`: the --steps given,
+    machine slowed down or sped up since the last plan. Used at each evaluation and whenever replan_due. `asked`: the --steps given,
     never exceeded. REPLAN_MARGIN of the time left is kept unused. Returns (total steps, cooldown share).
 
     Before the decay the cooldown share is kept: the new plan is exactly a run planned with that many steps.
@@ -104,6 +110,15 @@ def replan_steps(cfg: TrainConfig, step: int, elapsed: float, pace: float, asked
     # Rounded up, so the rate goes on at or just below where it was (lr_scale(step, total, ., decay / total)).
     decay = min(total, max(1, math.ceil((total - step) / rate - 1e-9)))
     return total, decay / total
+
+
+def replan_due(step: int, seconds: float, mark: tuple[int, float], cfg: TrainConfig) -> bool:
+    """Whether the plan is refitted after `step`: REPLAN_EVERY of the budget has passed since the last plan
+    (`mark`: its step and clock time; `seconds`: the clock now), or REPLAN_EVERY of the planned steps."""
+    mark_step, mark_time = mark
+    since = step - mark_step
+    return since >= 1 and (seconds - mark_time >= REPLAN_EVERY * cfg.time_budget
+                           or since >= max(REPLAN_MIN_STEPS, REPLAN_EVERY * cfg.steps))
 
 
 def median_step_time(step_times: list[float]) -> float:
