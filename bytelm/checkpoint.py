@@ -247,6 +247,16 @@ def check_weights(path: str | os.PathLike, config: ModelConfig, state: dict) -> 
                               f"needs {need // 2:,} weights; refusing it (corrupt or crafted)")
 
 
+def read_model_config(path: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig a checkpoint was saved with (read and checked as load_model does, weights unused)."""
+    try:
+        return ModelConfig.from_dict(read_checkpoint(path)["model_config"])
+    except (BytelmError, TypeError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: {e}") from None
+
+
 def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[ByteLM, dict]:
     """Rebuild the model from a checkpoint. Returns (model in eval mode on `device`, checkpoint dict)."""
     ckpt = read_checkpoint(path)

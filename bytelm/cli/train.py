@@ -2,6 +2,7 @@
 
     bytelm train --preset cpu10 --data tinyshakespeare.txt
     bytelm train --resume --steps 2000        # the saved run's settings, then the flags given
+    bytelm train --preset finetune --init-from byte_llm_model.pt --data my.txt   # fine-tune a trained model
     bytelm train --help                       # every flag, by group, with its default
 
 Flags given override the preset; with --resume, they override the settings the run was saved with.
@@ -47,6 +48,12 @@ def config_from_args(explicit: dict) -> TrainConfig:
                                   f"({saved['preset']}); give the flags to change instead")
             return TrainConfig(**{**saved, **explicit})
     explicit = dict(explicit)
+    if explicit.get("init_from"):
+        if explicit.get("resume"):
+            raise BytelmError("--init-from starts a new run from a model's weights and --resume continues a run "
+                              "as saved: give one of them")
+        cfg = TrainConfig.from_preset(explicit.pop("preset", "default"), **explicit)
+        return cfg.with_model(cfg.init_model_config(given=explicit))
     return TrainConfig.from_preset(explicit.pop("preset", "default"), **explicit)
 
 

@@ -11,10 +11,11 @@ is allocated (bytelm.train.loop checks it against the device's memory).
 """
 from __future__ import annotations
 
+import os
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
-from bytelm.checkpoint import DEFAULT_PATH
+from bytelm.checkpoint import DEFAULT_PATH, read_model_config
 from bytelm.settings import option
 from bytelm.config import MODEL_PRESETS, ModelConfig
 from bytelm.device import require_memory
@@ -49,7 +50,15 @@ TRAIN_PRESETS: dict[str, dict] = {
     # `steps` only caps it. val_fraction 0.1 is nanoGPT's split of tinyshakespeare.
     "cpu10": dict(n_layer=4, n_head=4, n_embd=160, value_embeds=True, seq_len=128, batch_size=16, threads=2,
                   cooldown=0.6, time_budget=600.0, steps=100_000, eval_every=200, save_every=200, val_fraction=0.1),
+    # Fine-tuning a trained model (--init-from, whose shape it takes): its weights already sit near a minimum,
+    # so a short warmup and half the learning rates (docs/training.md, "Fine-tuning"); a 5-minute budget; the
+    # result beside the base model, never over it. val_fraction 0.1 as cpu10, for a small text of one's own.
+    "finetune": dict(warmup=10, muon_lr=0.005, adam_lr=0.0005, cooldown=0.6, time_budget=300.0, steps=100_000,
+                     eval_every=200, save_every=200, val_fraction=0.1, out="byte_llm_finetuned.pt"),
 }
+
+# The fields that make up the model's shape: --init-from takes them from the model, and refuses flags that differ.
+ARCHITECTURE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "value_embeds")
 
 
 @dataclass
@@ -75,6 +84,9 @@ class TrainConfig:
                              group="model")  # RoPE only learns the positions it is trained on
     value_embeds: bool = option(False, "give every layer a byte table added to its attention values (value "
                                 "embeddings)", group="model")  # docs/training.md, "Value embeddings"
+    init_from: str = option("", "start from this trained model's weights and shape (a bytelm .pt or .safetensors), "
+                            "with a fresh optimizer and schedule: fine-tuning", group="model",
+                            metavar="MODEL")  # empty: random weights
     # length and batch
     steps: int = option(1000, "total optimizer steps of the run; a resumed run continues toward it",
                         group="run")  # ~0.6 s each on 2 idle CPU cores: ~10 min; --time-budget trims it when slower
@@ -183,11 +195,39 @@ class TrainConfig:
             bad(f"seq-len ({self.seq_len}) is longer than the model's block-size ({self.block_size})")
         if not self.out:
             bad("out must be a file path")
+        if self.init_from and not self.resume and _same_file(self.init_from, self.out):
+            bad(f"init-from and out are the same file ({self.out}); write the new model elsewhere with --out")
         self.model_config()  # raises on an impossible shape
+
+    def with_model(self, mc: ModelConfig) -> "TrainConfig":
+        """These settings with the model shape of `mc` (what --init-from trains)."""
+        shape = {name: getattr(mc, name) for name in ARCHITECTURE_FIELDS}
+        return replace(self, **shape)
+
+    def init_model_config(self, given: dict | None = None) -> ModelConfig:
+        """The config of the --init-from model; raises BytelmError if `given` (the flags set by hand) asks
+        for another shape."""
+        mc = read_model_config(self.init_from)
+        if mc.mlp_ratio != ModelConfig.mlp_ratio or not mc.tie_embeddings:
+            raise BytelmError(f"--init-from {self.init_from}: its MLP ratio or untied head are not a shape train.py "
+                              "trains")
+        differ = [name for name in ARCHITECTURE_FIELDS if name in (given or {}) and given[name] != getattr(mc, name)]
+        if differ:
+            theirs = ", ".join(f"--{n.replace('_', '-')} {getattr(mc, n)}" for n in differ)
+            raise BytelmError(f"--init-from {self.init_from} fixes the model's shape ({theirs}); drop "
+                              + " ".join(f"--{n.replace('_', '-')}" for n in differ))
+        return mc
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd,
                            block_size=self.block_size or self.seq_len, value_embeds=self.value_embeds)
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.realpath(a) == os.path.realpath(b)
+    except (OSError, ValueError):
+        return False
 
 
 def step_memory(cfg: TrainConfig) -> tuple[int, int]:

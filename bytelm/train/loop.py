@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from bytelm.data.batches import BatchSampler, EvalBatches, eval_batches
-from bytelm.checkpoint import remove_stale_temps, save_checkpoint
+from bytelm.checkpoint import load_model, remove_stale_temps, save_checkpoint
 from bytelm.data.corpus import load_corpus
 from bytelm.device import autocast, default_dtype
 from bytelm.train.distributed import (Dist, all_reduce_max, all_reduce_sum, auto_threads, setup_distributed,
@@ -69,6 +69,10 @@ def train(cfg: TrainConfig, *, progress: bool = True, command: str = "python tra
 
 def _train(cfg: TrainConfig, d: Dist, progress: bool, command: str) -> dict:
     paths, device = RunPaths.for_out(cfg.out), d.device
+    # Fine-tuning: the model's shape comes from --init-from (a resumed run restores its own weights instead).
+    init_config = cfg.init_model_config() if cfg.init_from and not cfg.resume else None
+    if init_config:
+        cfg = cfg.with_model(init_config)
     dtype = default_dtype(device) if cfg.dtype == "auto" else cfg.dtype
     # The files: a resume state checked whole, or an earlier run's files kept unless --force.
     resume = read_resume_state(paths, cfg) if cfg.resume else None
@@ -95,7 +99,10 @@ def _train(cfg: TrainConfig, d: Dist, progress: bool, command: str) -> dict:
 
     # The model and its optimizers, fresh or as saved.
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    model = ByteLM(cfg.model_config()).to(device)
+    if init_config:  # every check of load_model (shapes, dtypes, finiteness); the optimizers start fresh
+        model = load_model(cfg.init_from)[0].to(device).train()
+    else:
+        model = ByteLM(cfg.model_config()).to(device)
     optimizers = build_optimizers(model, muon_lr=cfg.muon_lr, adam_lr=cfg.adam_lr,
                                   muon_weight_decay=cfg.muon_weight_decay, normuon=cfg.normuon)
     if resume:

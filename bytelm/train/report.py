@@ -30,7 +30,8 @@ def opening_line(cfg: TrainConfig, info: dict, n_params: int, block_size: int, w
                  dtype: str, threads: int, start_step: int) -> str:
     """data, held-out share, model, device and batch: the first thing a run prints."""
     held_out = info["val_bytes"] / max(1, info["train_bytes"] + info["val_bytes"])
-    return (f"data: {info['source']}: {info['train_bytes']:,} train / {info['val_bytes']:,} val bytes "
+    return ((f"fine-tuning {cfg.init_from} | " if cfg.init_from and not cfg.resume else "")
+            + f"data: {info['source']}: {info['train_bytes']:,} train / {info['val_bytes']:,} val bytes "
             f"({held_out:.1%} held out) | model: {cfg.n_layer}x{cfg.n_head}x{cfg.n_embd}, {n_params:,} parameters, "
             f"context {block_size} | {world_size} x {device} {dtype}"
             + (f" ({threads} thread{'s' if threads > 1 else ''})" if device.type == "cpu" else "")
