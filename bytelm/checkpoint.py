@@ -6,10 +6,15 @@ File layout (a torch.save'd dict, loaded with weights_only=True so no pickled ob
     model_config   ModelConfig as dict  enough to rebuild the model with no other file
     model          state_dict           weights of the uncompiled, unwrapped module
     train_state    dict or absent       optimizer, step, RNG, data position, metrics (see bytelm.train.resume)
+
+A .safetensors file (save_safetensors; `bytelm export MODEL --format safetensors`) holds the weights alone, with
+format, version and model_config (JSON) in its metadata; read_checkpoint tells the two apart by their first
+bytes, so every command that takes a model takes either, with the same checks.
 """
 from __future__ import annotations
 
 import glob
+import json
 import os
 import pickle
 import warnings
@@ -79,6 +84,54 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, config: Mod
     if train_state is not None:
         ckpt["train_state"] = train_state
     atomic_save(ckpt, path)
+
+
+def save_safetensors(path: str | os.PathLike, model: torch.nn.Module, config: ModelConfig) -> None:
+    """Write the weights as safetensors, the model config in the metadata, atomically. The tied head is the
+    embedding itself, so it is stored once (safetensors refuses shared tensors) and tied again on load."""
+    state = {k: v.detach().cpu().contiguous() for k, v in clean_state_dict(model.state_dict()).items()}
+    if config.tie_embeddings:
+        state.pop("head.weight", None)
+    metadata = {"format": FORMAT_NAME, "version": str(FORMAT_VERSION), "model_config": json.dumps(config.to_dict())}
+    from safetensors.torch import save
+    data = save(state, metadata=metadata)
+    try:
+        atomic_write(Path(path), lambda f: f.write(data))
+    except OSError as e:
+        raise CheckpointError(f"cannot write {path}: {e.strerror or e}; the previous file, if any, is unchanged") \
+            from None
+
+
+def _is_safetensors(head: bytes, size: int) -> bool:
+    """safetensors: an 8-byte little-endian header length, then that much JSON ({...}), then the data."""
+    return len(head) >= 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8
+
+
+def _read_safetensors(path: Path) -> dict:
+    """A .safetensors file as read_checkpoint's dict (no train_state). The safetensors library checks that every
+    tensor's bytes lie inside the file and match its dtype and shape; nothing in the file is code."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            if metadata.get("format") != FORMAT_NAME:
+                raise CheckpointError(f"{path} is a safetensors file without bytelm's metadata (format, version, "
+                                      "model_config); export it with `bytelm export MODEL --format safetensors`")
+            state = {name: f.get_tensor(name) for name in f.keys()}
+    except SafetensorError as e:
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt: {reason})") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
+    except TypeError as e:  # a dtype that torch has no type for
+        raise CheckpointError(f"{path}: {e}") from None
+    try:
+        version, config = int(metadata.get("version", "")), json.loads(metadata.get("model_config", ""))
+    except (ValueError, json.JSONDecodeError):
+        raise CheckpointError(f"{path} has no valid format version or model config in its metadata") from None
+    if isinstance(config, dict) and config.get("tie_embeddings", True) and "embed.weight" in state:
+        state.setdefault("head.weight", state["embed.weight"])
+    return {"format": FORMAT_NAME, "version": version, "model_config": config, "model": state}
 
 
 def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
@@ -167,6 +220,13 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"checkpoint not found: {path} (train one with `python train.py`)")
     if path.is_dir():
         raise CheckpointError(f"checkpoint path is a folder, not a file: {path}")
+    try:
+        with open(path, "rb") as f:
+            head, size = f.read(9), os.fstat(f.fileno()).st_size
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
+    if _is_safetensors(head, size):
+        return _check_layout(path, _read_safetensors(path))
     _check_archive(path)
     try:
         # torch warns about what it meets in odd files (sparse CSR layouts, unusual pickle protocols): the
@@ -185,6 +245,10 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         # unpickler's IndexError or KeyError on garbage, ...; each is the same one line for the user
         reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path} is not a readable bytelm checkpoint (truncated or corrupt: {reason})") from None
+    return _check_layout(path, ckpt)
+
+
+def _check_layout(path: Path, ckpt) -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{path} is not a bytelm checkpoint (no bytelm format marker)")
     version = ckpt.get("version")

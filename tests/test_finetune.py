@@ -14,6 +14,7 @@ from bytelm.checkpoint import load_model, read_checkpoint
 from bytelm.cli.run import run_cli
 from bytelm.cli.train import config_from_args, main
 from bytelm.errors import BytelmError
+from bytelm.export import export
 from bytelm.train.config import TrainConfig
 from bytelm.train.loop import train
 from bytelm.train.metrics import read_metrics
@@ -115,3 +116,11 @@ def test_the_finetune_preset_writes_beside_the_base_model_not_over_it():
     cfg = TrainConfig.from_preset("finetune")
     assert cfg.out != TrainConfig().out and cfg.warmup < TrainConfig().warmup
     assert cfg.muon_lr < TrainConfig().muon_lr and cfg.adam_lr < TrainConfig().adam_lr
+
+
+def test_init_from_takes_a_safetensors_export(tmp_path, corpus_file, base_model):
+    st = tmp_path / "base.safetensors"
+    export(base_model, "safetensors", st)
+    cfg = tiny(tmp_path, corpus_file, init_from=str(st), steps=2, eval_every=2)
+    summary = train(cfg, progress=False)
+    assert summary["steps"] == 2 and load_model(cfg.out)[0].config == load_model(base_model)[0].config

@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "score": ("bytelm.cli.score", "bits per byte of files under a model; per-byte surprisal, entropy patches"),
     "compress": ("bytelm.cli.compress", "compress a file losslessly with a model (gzip-style: IN -> IN.blz)"),
     "decompress": ("bytelm.cli.compress", "decompress a .blz file with the model that compressed it"),
+    "export": ("bytelm.cli.export", "write a model as safetensors, a Hugging Face folder or ONNX"),
 }
 __doc__ = (__doc__ or "") + "\n" + "\n".join(  # `python -OO` drops docstrings: then the list alone
     f"    bytelm {name:<10} {help_}  ({module})" for name, (module, help_) in SUBCOMMANDS.items())
