@@ -387,6 +387,18 @@ def test_the_plan_is_refitted_on_the_clock_and_every_few_percent_of_its_steps():
     assert schedule.replan_due(23, 10.1, (20, 10.0), TrainConfig(steps=40, time_budget=100.0))  # at least 3
 
 
+def test_a_plan_whose_decay_began_in_the_warmup_can_still_lengthen():
+    """A slow start planned 53 steps with warmup 50 and cooldown 0.6 (the decay begins at step 21): the re-plan
+    at step 23 must follow the decay's factor (0.94), not the warmup's (0.48), which capped the run at 44 steps
+    and left half of a 180 s budget unused (2-core AMD EPYC, cpu10 preset, a busy machine)."""
+    cfg = TrainConfig(steps=53, time_budget=180.0, cooldown=0.6, warmup=50)
+    total, cooldown = schedule.replan_steps(cfg, 23, 75.6, 2.12, asked=100_000)
+    assert total == 23 + int((1 - schedule.REPLAN_MARGIN) * (180 - 75.6) / 2.12)
+    before = schedule.lr_scale(23, 53, 0, 0.6)
+    after = schedule.lr_scale(23, total, 0, cooldown)
+    assert after == pytest.approx(before, abs=1 / (cooldown * total))  # the decay goes on where it was
+
+
 def test_replanning_follows_the_measured_pace_and_never_moves_the_decay_into_the_past():
     cfg = TrainConfig(steps=1000, time_budget=100.0, cooldown=0.4)
     fit = 200 + int((1 - schedule.REPLAN_MARGIN) * 60 / 0.1)

@@ -104,7 +104,9 @@ def replan_steps(cfg: TrainConfig, step: int, elapsed: float, pace: float, asked
     if not cooldown_started(step, cfg.steps, cfg.cooldown):
         shortest = _shortest_total(step, cfg.cooldown)
         return min(asked, max(shortest, fit)), cfg.cooldown
-    rate = lr_scale(step, cfg.steps, cfg.warmup, cfg.cooldown)  # of the next update; > 0 as step < steps
+    # The decay's own factor for the next update (> 0 as step < steps), not lr_scale: in a run planned so short
+    # that its decay begins inside the warmup, the warmup's smaller factor would cap the new length wrongly.
+    rate = lr_scale(step, cfg.steps, 0, cfg.cooldown)
     longest = int(step / (1 - rate)) if rate < 1 else asked  # more would need a decay longer than the run
     total = min(asked, longest, max(step + 1, fit))
     # Rounded up, so the rate goes on at or just below where it was (lr_scale(step, total, ., decay / total)).
