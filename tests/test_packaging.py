@@ -42,6 +42,9 @@ def test_installed_wheel_builds_and_loads_the_c_library(tmp_path):
         assert (site / "bytelm" / "infer" / "csrc" / path.name).is_file(), path.name
     from bytelm.codec.model_step import SOURCE
     assert (site / "bytelm" / "codec" / "csrc" / SOURCE.name).is_file()  # the compression step's
+    from bytelm.export.hf import CODE_FILES
+    for name in CODE_FILES:  # the code `bytelm export --format hf` copies into its folder
+        assert (site / "bytelm" / "export" / "hf_code" / name).is_file(), name
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
