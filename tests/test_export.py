@@ -129,3 +129,14 @@ def test_a_bad_safetensors_file_is_one_line(tmp_path, case, message):
     with pytest.raises(CheckpointError, match=message) as e:
         load_model(path)
     assert len(str(e.value).splitlines()) == 1
+
+
+def test_export_of_a_missing_or_foreign_model_is_one_line(tmp_path, capsys):
+    (tmp_path / "notes.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
+    for model, message in ((tmp_path / "missing.pt", "checkpoint not found"),
+                           (tmp_path / "notes.safetensors", "without bytelm's metadata")):
+        assert run_cli(bytelm_main, ["export", str(model), "--format", "safetensors",
+                                     "-o", str(tmp_path / "out.safetensors")]) == 1
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out.safetensors").exists()
