@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import tempfile
 import warnings
@@ -45,10 +46,13 @@ def write_onnx(model: ByteLM, out: str | os.PathLike) -> None:
     os.close(fd)
     example = torch.zeros(1, min(8, model.config.block_size), dtype=torch.long)
     dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("time", max=model.config.block_size)}
+    onnx_log = logging.getLogger("torch.onnx")
+    level = onnx_log.level
     try:
         # The exporter reports each stage on stdout and warns about optional packages (torchvision): noise here.
         with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
+            onnx_log.setLevel(logging.ERROR)
             torch.onnx.export(_Logits(model.cpu().float().eval()).eval(), (example,), tmp, dynamo=True,
                               dynamic_shapes=(dims,), input_names=["input_ids"], output_names=["logits"],
                               external_data=False, verbose=False)
@@ -56,5 +60,6 @@ def write_onnx(model: ByteLM, out: str | os.PathLike) -> None:
     except OSError as e:
         raise BytelmError(f"cannot write {out}: {e.strerror or e}") from None
     finally:
+        onnx_log.setLevel(level)
         with contextlib.suppress(OSError):
             os.unlink(tmp)
