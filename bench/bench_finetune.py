@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from common import SHAKESPEARE, markdown_table, report  # noqa: E402
-from bytelm.checkpoint import load_model  # noqa: E402
+from bytelm.checkpoint import load_model, read_checkpoint  # noqa: E402
 from bytelm.data.batches import eval_batches  # noqa: E402
 from bytelm.data.corpus import load_corpus  # noqa: E402
 from bytelm.train.config import TrainConfig  # noqa: E402
@@ -41,6 +41,16 @@ def score(path: Path, cfg: TrainConfig) -> float:
     model, _ = load_model(path)
     return bits_per_byte(evaluate(model, eval_batches(corpus.val, cfg.batch_size, cfg.seq_len),
                                   torch.device("cpu"), "fp32"))
+
+
+def describe(base: str) -> str:
+    """'400 steps of --preset cpu10 on builtin, val 2.092 bpb there', from the checkpoint's training state."""
+    state = read_checkpoint(base).get("train_state") or {}
+    cfg, metrics = state.get("config") or {}, state.get("metrics") or {}
+    if not cfg:
+        return base
+    return (f"{state.get('step')} steps of --preset {cfg.get('preset')} on {cfg.get('data')}"
+            + (f", val {metrics['best_val_bpb']:.3f} bpb there" if metrics.get("best_val_bpb") else ""))
 
 
 def run(name: str, cfg: TrainConfig) -> dict:
@@ -81,7 +91,7 @@ def main() -> None:
     table = markdown_table(["run", "steps", "train s", "train bytes/s", "val bpb (whole split)"], rows)
     shape = f"{finetune.n_layer}x{finetune.n_head}x{finetune.n_embd}" + (" + value embeddings"
                                                                          if finetune.value_embeds else "")
-    notes = (f"Model {shape}; base: {'trained here, ' + f'{args.base_seconds:.0f} s of --preset cpu10 on the built-in corpus' if args.base is None else args.base}. "
+    notes = (f"Model {shape}; base: {describe(base)}. "
              f"Each run: {budget:.0f} s budget, 2 threads, no compile, one after the other; tinyshakespeare's "
              "last 10% held out, scored whole over consecutive 128-byte windows after training.")
     ft, sc = runs[0]["bpb"], runs[1]["bpb"]
