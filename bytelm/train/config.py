@@ -50,11 +50,12 @@ TRAIN_PRESETS: dict[str, dict] = {
     # `steps` only caps it. val_fraction 0.1 is nanoGPT's split of tinyshakespeare.
     "cpu10": dict(n_layer=4, n_head=4, n_embd=160, value_embeds=True, seq_len=128, batch_size=16, threads=2,
                   cooldown=0.6, time_budget=600.0, steps=100_000, eval_every=200, save_every=200, val_fraction=0.1),
-    # Fine-tuning a trained model (--init-from, whose shape it takes): its weights already sit near a minimum,
-    # so a short warmup and half the learning rates (docs/training.md, "Fine-tuning"); a 5-minute budget; the
-    # result beside the base model, never over it. val_fraction 0.1 as cpu10, for a small text of one's own.
-    "finetune": dict(warmup=10, muon_lr=0.005, adam_lr=0.0005, cooldown=0.6, time_budget=300.0, steps=100_000,
-                     eval_every=200, save_every=200, val_fraction=0.1, out="byte_llm_finetuned.pt"),
+    # Fine-tuning a trained model (--init-from, whose shape it takes): a 10-step warmup and the base run's learning
+    # rates, the best of a screen of 0.25x-1.5x the rates and warmups of 10 and 50 (docs/training.md,
+    # "Fine-tuning"); cpu10's decay; a 5-minute budget; the result beside the base model, never over it.
+    # val_fraction 0.1 as cpu10, for a small text of one's own.
+    "finetune": dict(warmup=10, cooldown=0.6, time_budget=300.0, steps=100_000, eval_every=200, save_every=200,
+                     val_fraction=0.1, out="byte_llm_finetuned.pt"),
 }
 
 # The fields that make up the model's shape: --init-from takes them from the model, and refuses flags that differ.
