@@ -73,7 +73,7 @@ def max_rows() -> int:
 class ContextMixer:
     """One coder's tables (about 25 MB), learning across the blocks of a file; see the module docstring."""
 
-    def __init__(self, limit: int = 255):
+    def __init__(self, limit: int = 1023):
         self.lib = library()
         self.ptr = self.lib.cm_new(limit)
         if not self.ptr:

@@ -24,8 +24,8 @@
 
 #define CM_VERSION 1
 #define MAX_ROWS 256
-#define N_ORDERS 6                    /* hashed orders 1, 2, 3, 4, 6 and a word (letters) context */
-#define N_INPUTS (N_ORDERS + 5)       /* + order 0, match, model, model via APM, bias */
+#define N_ORDERS 8                    /* hashed orders 1, 2, 3, 4, 6, a word (letters) context, two sparse */
+#define N_INPUTS (2 * N_ORDERS + 5)   /* two rates per order; + order 0, match, model, model via APM, bias */
 #define CM_BITS 22                    /* slots per hashed table: 4M counters of 4 bytes, shared by the orders */
 #define MATCH_BITS 20                 /* positions in the match model's hash table */
 #define MATCH_MIN 6                   /* bytes hashed to find a match */
@@ -49,7 +49,7 @@ typedef struct {
     uint16_t apm0[256][33];           /* refine the model's probability by c0 */
     uint16_t apm1[256][33];           /* refine the mixed probability by c0 */
     uint16_t apm2[1 << 16][33];       /* and by c0 | previous byte */
-    uint32_t cm[1u << CM_BITS];       /* hashed context counters: 22-bit probability, 10-bit count */
+    uint32_t cm[1u << CM_BITS][2];    /* hashed contexts: an adaptive-rate counter, a fast fixed-rate one */
     int32_t match_table[1 << MATCH_BITS];
     Row rows[MAX_ROWS];
 } Tables;
@@ -158,6 +158,8 @@ static void row_contexts(Row *r) {
     r->hash[3] = hash32(4, h);
     r->hash[4] = hash32(hash32(6, h), h2 & 0xffff);
     r->hash[5] = hash32(7, r->word ^ (h & 0xff) << 24);
+    r->hash[6] = hash32(8, h & 0xffff00);  /* bytes 2 and 3 back: records, tables, binary structures */
+    r->hash[7] = hash32(9, (h & 0xff00) | (h2 & 0xff) << 16);  /* bytes 2 and 5 back */
 }
 
 static inline int known(const CM *m, int32_t q, int row, int t) {
@@ -217,8 +219,9 @@ static int code_byte(CM *m, int row, int byte, const uint32_t *counts, int mode)
         int x[N_INPUTS], k = 0;
         uint32_t *slot[N_ORDERS];
         for (int i = 0; i < N_ORDERS; i++) {
-            slot[i] = &T->cm[(r->hash[i] + (uint32_t)c0 * 0x2F0B4C27u) >> (32 - CM_BITS)];
-            x[k++] = stretch(counter_p(*slot[i]));
+            slot[i] = T->cm[(r->hash[i] + (uint32_t)c0 * 0x2F0B4C27u) >> (32 - CM_BITS)];
+            x[k++] = stretch(counter_p(slot[i][0]));
+            x[k++] = stretch(counter_p(slot[i][1]));
         }
         uint32_t *o0 = &T->order0[c0 << 8 | c1];
         x[k++] = stretch(counter_p(*o0));
@@ -252,14 +255,17 @@ static int code_byte(CM *m, int row, int byte, const uint32_t *counts, int mode)
         int y = (byte >> bit) & 1;
         if (mode != 2) y = code_bit(&m->coder, y, p, mode == 1);
         /* learn */
-        for (int i = 0; i < N_ORDERS; i++) counter_update(slot[i], y, m->limit);
+        for (int i = 0; i < N_ORDERS; i++) {
+            counter_update(&slot[i][0], y, m->limit);
+            counter_update(&slot[i][1], y, 14);
+        }
         counter_update(o0, y, 255);
         if (ms) counter_update(ms, y, 1023);
         apm_update(T->apm0[c0], ia, y);
         apm_update(T->apm1[c0], i1, y);
         apm_update(T->apm2[c0 | c1 << 8], i2, y);
-        int e0 = ((y << 12) - p0) * 6, e1 = ((y << 12) - p1) * 6;  /* learning rate: error x 6 / 1024 */
-        for (int i = 0; i < N_INPUTS; i++) { w0[i] += (x[i] * e0) >> 10; w1[i] += (x[i] * e1) >> 10; }
+        int e0 = (y << 12) - p0, e1 = (y << 12) - p1;  /* learning rate: error / 2048 */
+        for (int i = 0; i < N_INPUTS; i++) { w0[i] += (x[i] * e0) >> 11; w1[i] += (x[i] * e1) >> 11; }
         c0 = c0 << 1 | y;
         if (y) lo = mid; else hi = mid;
     }
@@ -286,7 +292,7 @@ CM *cm_new(int limit) {
     if (!m->t) { free(m); return 0; }
     m->limit = limit < 1 ? 1 : limit > 1023 ? 1023 : limit;
     Tables *T = m->t;
-    for (size_t i = 0; i < (1u << CM_BITS); i++) T->cm[i] = (uint32_t)1 << 31;  /* p = 1/2, count 0 */
+    for (size_t i = 0; i < (1u << CM_BITS); i++) T->cm[i][0] = T->cm[i][1] = (uint32_t)1 << 31;  /* p = 1/2 */
     for (int i = 0; i < 256 * 256; i++) T->order0[i] = (uint32_t)1 << 31;
     for (int i = 0; i < 128; i++) T->match_sm[i] = (uint32_t)1 << 31;
     init_apm(&T->apm0[0][0], 256);
@@ -294,7 +300,7 @@ CM *cm_new(int limit) {
     init_apm(&T->apm2[0][0], 1 << 16);
     for (int s = 0; s < 2; s++)
         for (int c = 0; c < 256; c++)
-            for (int i = 0; i < N_INPUTS; i++) T->mixer_w[s][c][i] = 1 << 14;
+            for (int i = 0; i < N_INPUTS; i++) T->mixer_w[s][c][i] = (1 << 16) / 6;
     return m;
 }
 
