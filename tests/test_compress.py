@@ -409,3 +409,22 @@ def test_cli_full_disk_is_one_line_and_leaves_no_partial_file(checkpoint, tmp_pa
         with open("/dev/full", "wb") as full:
             r = cli("decompress", checkpoint, "-", stdin=(tmp_path / "a.txt.blz").read_bytes(), stdout=full)
         assert "No space left" in one_error_line(r)
+
+
+def test_three_builds_of_the_coder_give_identical_files():
+    """mix.c is integer arithmetic: -O0, the default -O2 and -O3 -march=native code the same bits, with the model
+    input and without."""
+    from bytelm.codec.mixer import COMMON_FLAGS
+    data = TEXT[:3000] + random_bytes(2000, seed=9) + Path(__file__).read_bytes()[:9000]
+    rows = 2
+
+    def model_like(prev: np.ndarray) -> np.ndarray:  # counts from the previous bytes: changing, deterministic
+        counts = np.full((rows, 256), 64, np.uint32)
+        counts[np.arange(rows), prev] += (1 << 16) - 256 * 64
+        return counts
+    outputs = []
+    for flags in (["-O0", *COMMON_FLAGS], None, ["-O3", "-march=native", *COMMON_FLAGS]):
+        outputs.append((ContextMixer(flags=flags).encode(data, rows), ContextMixer(flags=flags).encode(data, rows,
+                                                                                                     model_like)))
+    assert outputs[0] == outputs[1] == outputs[2] and None not in outputs[0]
+    assert ContextMixer(flags=["-O0", *COMMON_FLAGS]).decode(outputs[2][1], len(data), rows, model_like) == data

@@ -1,6 +1,7 @@
 """The context-mixing coder (bytelm/codec/csrc/mix.c), compiled on first use, cached and loaded with ctypes.
 
     cm = ContextMixer()                                  # fresh tables; they keep learning block after block
+    ContextMixer(flags=["-O0", *COMMON_FLAGS])            # another build: the same bits (tests compare three)
     coded = cm.encode(block, rows, model=None)           # bytes, or None when coding would not beat storing
     block = cm.decode(coded, length, rows, model=None)   # the same calls in the same order give the same bytes
 
@@ -23,25 +24,27 @@ import numpy as np
 from bytelm.errors import BytelmError
 
 SOURCE = Path(__file__).with_name("csrc") / "mix.c"
-FLAGS = ["-O2", "-shared", "-fPIC", "-std=c11"]  # integer arithmetic only: no -march needed for the same bits
+COMMON_FLAGS = ["-shared", "-fPIC", "-std=c11"]
+FLAGS = ["-O2", *COMMON_FLAGS]  # integer arithmetic only: any flags give the same bits (-march buys nothing here)
 MODES = {"encode": 0, "decode": 1}
 Model = Callable[[np.ndarray], np.ndarray]
 
-_lib: ctypes.CDLL | None = None
+_libraries: dict[tuple[str, ...], ctypes.CDLL] = {}
 
 
-def library() -> ctypes.CDLL:
-    """The loaded library, built once per source and compiler; BytelmError where it can't be had."""
-    global _lib
-    if _lib is not None:
-        return _lib
+def library(flags: list[str] | None = None) -> ctypes.CDLL:
+    """The library built with `flags` (default FLAGS; the tests build others and compare), once per source,
+    compiler and flags; BytelmError where it can't be had."""
+    flags = list(FLAGS if flags is None else flags)
+    if tuple(flags) in _libraries:
+        return _libraries[tuple(flags)]
     from bytelm.infer import native
     cc = native.compiler()
     if cc is None:
         raise BytelmError("compress and decompress need a C compiler (gcc, cc or clang) to build their coder, "
                           "and none was found: install one (e.g. apt-get install gcc)")
     try:
-        lib = native.load_cached(cc, "mix", [SOURCE], [], FLAGS)[0]
+        lib = native.load_cached(cc, "mix", [SOURCE], [], flags)[0]
     # RuntimeError: no home folder for the cache; SubprocessError: the compiler failed or hung
     except (OSError, subprocess.SubprocessError, RuntimeError) as e:
         detail = (getattr(e, "stderr", b"") or b"").decode(errors="replace").strip().splitlines()
@@ -57,7 +60,7 @@ def library() -> ctypes.CDLL:
                             ("cm_consumed", i64, [p]), ("cm_error", ctypes.c_char_p, [p])]:
         getattr(lib, name).restype = res
         getattr(lib, name).argtypes = args
-    _lib = lib
+    _libraries[tuple(flags)] = lib
     return lib
 
 
@@ -73,8 +76,8 @@ def max_rows() -> int:
 class ContextMixer:
     """One coder's tables (about 25 MB), learning across the blocks of a file; see the module docstring."""
 
-    def __init__(self, limit: int = 1023):
-        self.lib = library()
+    def __init__(self, limit: int = 1023, flags: list[str] | None = None):
+        self.lib = library(flags)
         self.ptr = self.lib.cm_new(limit)
         if not self.ptr:
             raise MemoryError("the context-mixing coder's tables")
