@@ -1,15 +1,17 @@
-"""bytelm.codec.compress, bytelm.codec.container, bytelm.infer.batch_step and `bytelm compress|decompress`.
+"""bytelm.codec.compress, bytelm.codec.container, bytelm.codec.mixer and `bytelm compress|decompress`.
 
     .venv/bin/python -m pytest -q tests/test_compress.py
 """
 from __future__ import annotations
 
-import json
+import io
 import os
 import resource
 import struct
 import subprocess
 import sys
+import time
+import tracemalloc
 import zlib
 from pathlib import Path
 
@@ -20,14 +22,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bytelm import ByteLM, ModelConfig, save_checkpoint
-from bytelm.infer.batch_step import BatchStep
-from bytelm.codec.compress import (PRECISION, compress_bytes, decompress_bytes, model_fingerprint, quantize,
-                             read_header, step_rows)
-from bytelm.config import MODEL_PRESETS
+from bytelm.codec import container
+from bytelm.codec.compress import (MAX_RATIO, MIN_RUN, compress_bytes, compress_stream, decompress_bytes,
+                                   decompress_stream, read_header)
 from bytelm.codec.container import FORMAT_VERSION, MAGIC, ContainerError
-from bytelm.codec.score import score_bytes
-
-pytest.importorskip("constriction")
+from bytelm.codec.mixer import ContextMixer
+from bytelm.config import MODEL_PRESETS
 
 
 def tiny_model(seed: int = 0, **overrides) -> ByteLM:
@@ -42,8 +42,7 @@ def model() -> ByteLM:
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """One torch thread unless a test says otherwise: the results do not depend on it (tested below), and on a
-    machine busy with other work a second thread mostly waits."""
+    """One torch thread unless a test says otherwise: on a machine busy with other work a second one waits."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -55,138 +54,147 @@ def random_bytes(n: int, seed: int = 0) -> bytes:
 
 
 TEXT = b"It was the best of times, it was the worst of times, it was the age of wisdom. " * 40
+SMALL_BLOCK = 2 * MIN_RUN + 100  # two rows per full block
 
 
 @pytest.mark.parametrize("data", [b"", b"x", bytes(range(256)), random_bytes(1000), TEXT],
                          ids=["empty", "one-byte", "every-byte-value", "random", "text"])
-def test_round_trip(model, data):
-    blob = compress_bytes(model, data)
+@pytest.mark.parametrize("with_model", [True, False], ids=["model", "no-model"])
+def test_round_trip(model, data, with_model):
+    m = model if with_model else None
+    blob = compress_bytes(m, data)
+    assert decompress_bytes(m, blob) == data
+
+
+def test_round_trip_of_several_blocks_and_rows_with_stored_blocks_between(model):
+    data = (TEXT * 3)[:SMALL_BLOCK] + random_bytes(SMALL_BLOCK, seed=1) + TEXT * 2 + b"tail"
+    blob = compress_bytes(model, data, block_size=SMALL_BLOCK, stride=48)
+    kinds = [b.kind for b in blocks_of(blob)]
+    assert container.STORED in kinds and container.CODED in kinds and kinds[-1] == container.END
     assert decompress_bytes(model, blob) == data
 
 
-def test_round_trip_of_many_contexts_in_several_groups(model):
-    data = TEXT + random_bytes(3000, seed=1)  # 6,160 bytes: 97 segments of 64 in 13 groups of at most 8
-    blob = compress_bytes(model, data, batch_size=8)
-    header = read_header(blob)
-    assert header.segments == 97 and header.groups == 13 and header.batch == 8
-    assert decompress_bytes(model, blob) == data
+def blocks_of(blob: bytes) -> list[container.Block]:
+    read = io.BytesIO(blob).read
+    header = container.read_header(read)
+    out = [container.read_block(read, header, MAX_RATIO)]
+    while out[-1].kind != container.END:
+        out.append(container.read_block(read, header, MAX_RATIO))
+    return out
 
 
-def test_random_bytes_cost_about_eight_bits_each(model):
-    data = random_bytes(4000, seed=2)
+def test_an_untrained_model_steps_aside_and_the_context_models_carry_the_file(model):
+    """The model knows nothing of this text (it is untrained): the file still comes out smaller than zlib's."""
+    data = Path(__file__).read_bytes()[:6000]
     blob = compress_bytes(model, data)
-    header_bytes = len(blob) - 4 * sum(read_header(blob).streams)
-    assert len(blob) - header_bytes <= 1.01 * len(data) + 16  # a random model: close to 8 bits per byte
-    assert header_bytes < 600
+    assert len(blob) < len(zlib.compress(data, 9))
 
 
-def test_compressed_size_matches_the_models_bits(model):
-    """The coder spends what the model's probabilities say: the payload is the sum, over segments, of each
-    segment's surprisal (each predicted from its own start), within quantisation and stream endings."""
-    data = TEXT[:2000]
-    blob = compress_bytes(model, data)
-    bits = sum(score_bytes(model, data[i:i + 64]).total_bits for i in range(0, len(data), 64))
-    payload_bits = 32 * sum(read_header(blob).streams)
-    assert bits * 0.999 <= payload_bits <= bits * 1.001 + 64 * read_header(blob).groups
+def test_the_mixer_learns_to_trust_a_model_that_knows_the_file():
+    """A model that puts 90% on the right byte: the coder gets near its 0.47 bits per byte plus the mixer's
+    learning, far below what context mixing alone makes of random bytes (8)."""
+    data = random_bytes(20000, seed=7)
+    rows = 1
+
+    def oracle(data):
+        pos = [0]
+
+        def step(prev: np.ndarray) -> np.ndarray:
+            counts = np.full((rows, 256), 25, np.uint32)  # 255 x 25 = 6,375 of 65,536: about 10% for the rest
+            counts[0, data[pos[0]]] = (1 << 16) - 255 * 25
+            pos[0] += 1
+            return counts
+        return step
+    coded = ContextMixer().encode(data, rows, oracle(data))
+    assert coded is not None and 8 * len(coded) / len(data) < 0.8
+    assert ContextMixer().decode(coded, len(data), rows, oracle(data)) == data
 
 
-def test_same_input_gives_identical_output(model):
-    assert compress_bytes(model, TEXT) == compress_bytes(model, TEXT)
+def test_same_input_gives_identical_output_at_any_thread_count(model):
+    data = TEXT[:1500] + random_bytes(500, seed=3)
+    one = compress_bytes(model, data)
+    torch.set_num_threads(2)
+    two = compress_bytes(model, data)
+    assert one == two and decompress_bytes(model, two) == data
 
 
-def test_one_and_two_threads_give_identical_files_and_bytes(model):
-    data = random_bytes(1500, seed=3)
-    before = torch.get_num_threads()
+def confident_and_wrong(model: ByteLM) -> ByteLM:
+    """The model with its output scaled 100-fold: near-certain of one byte, which random data rarely is."""
+    wrong = tiny_model()
+    with torch.no_grad():
+        wrong.head.weight.mul_(100)
+    return wrong
+
+
+def test_random_bytes_grow_at_most_by_the_stated_bound(model):
+    """docs/compression.md: at most 330 bytes + 17 per block over the input, whatever the model says."""
+    wrong = confident_and_wrong(model)
+    for n in (1, 1000, 3 * SMALL_BLOCK + 7):
+        data = random_bytes(n, seed=n)
+        blob = compress_bytes(wrong, data, block_size=SMALL_BLOCK)
+        assert len(blob) <= n + 330 + 17 * -(-n // SMALL_BLOCK)
+        assert decompress_bytes(wrong, blob) == data
+
+
+def test_api_takes_bytes_like_data_only(model):
+    for bad in (10 ** 9, "text", None, [1, 2]):
+        with pytest.raises(TypeError, match="data must be bytes-like"):
+            compress_bytes(model, bad)
+        with pytest.raises(TypeError, match="data must be bytes-like"):
+            decompress_bytes(model, bad)
+    blob = compress_bytes(None, bytearray(b"abc"))
+    assert decompress_bytes(None, memoryview(blob)) == b"abc"
+
+
+def _peak_python_memory(blocks: int, block: int) -> tuple[int, int]:
+    """Peak bytes Python allocates to compress and decompress `blocks` blocks (less the output it keeps)."""
+    chunks = (random_bytes(block, seed=i)[:block // 2] + bytes(block // 2) for i in range(blocks))
+    out = io.BytesIO()
+    tracemalloc.start()
     try:
-        torch.set_num_threads(1)
-        one = compress_bytes(model, data, batch_size=16)
-        torch.set_num_threads(2)
-        two = compress_bytes(model, data, batch_size=16)
-        assert decompress_bytes(model, one) == data
+        compress_stream(None, chunks, out.write, block_size=block)
+        peak_c = tracemalloc.get_traced_memory()[1] - len(out.getvalue())
+        tracemalloc.reset_peak()
+        n = decompress_stream(None, io.BytesIO(out.getvalue()).read, lambda b: None)
+        peak_d = tracemalloc.get_traced_memory()[1] - 2 * len(out.getvalue())
     finally:
-        torch.set_num_threads(before)
-    assert one == two
+        tracemalloc.stop()
+    assert n == block * blocks
+    return peak_c, peak_d
 
 
-@pytest.mark.parametrize("overrides", [{}, {"value_embeds": True}, {"n_layer": 1, "n_head": 4, "n_embd": 64}])
-def test_batch_step_matches_the_models_forward_and_ignores_thread_count(overrides):
-    """Every row count the coder uses (step_rows: multiples of 8) gives the same bits with 1, 2 and 3 threads."""
-    model = tiny_model(**overrides)
-    gen = torch.Generator().manual_seed(0)
-    before = torch.get_num_threads()
-    try:
-        for segments in (1, 9, 33):
-            rows = step_rows(segments)
-            data = torch.randint(0, 256, (rows, 24), generator=gen)
-            outs = []
-            for threads in (1, 2, 3):
-                torch.set_num_threads(threads)
-                step = BatchStep(model, rows)
-                outs.append(torch.stack([step(data[:, t]) for t in range(24)], 1))  # (B, T, V)
-            assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
-            with torch.no_grad():
-                reference, _ = model(data)
-            torch.testing.assert_close(outs[0], reference, rtol=1e-4, atol=1e-4)
-    finally:
-        torch.set_num_threads(before)
+def test_memory_does_not_grow_with_the_input():
+    """4 blocks or 16: the same peak, within two blocks (the coder's tables are a fixed 25 MB besides)."""
+    block = 1 << 14
+    small, large = _peak_python_memory(4, block), _peak_python_memory(16, block)
+    assert large[0] - small[0] < 2 * block and large[1] - small[1] < 2 * block
 
 
-def test_row_counts_of_the_step_give_thread_independent_matrix_products():
-    """The premise of step_rows, checked on this machine: x @ w.T for every multiple of 8 rows up to 256, at
-    the model shapes' widths, has the same bits with 1, 2 and 4 threads."""
-    before = torch.get_num_threads()
-    gen = torch.Generator().manual_seed(0)
-    try:
-        for k, n in ((32, 96), (192, 576), (768, 192)):
-            w = torch.randn(n, k, generator=gen)
-            for rows in range(8, 257, 8):
-                x = torch.randn(rows, k, generator=gen)
-                results = []
-                for threads in (1, 2, 4):
-                    torch.set_num_threads(threads)
-                    results.append(x @ w.t())
-                assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2]), (rows, k, n)
-    finally:
-        torch.set_num_threads(before)
+# --- refusals -------------------------------------------------------------------------------------------
 
 
-def test_quantize_keeps_a_quantum_for_every_byte_and_sums_exactly():
-    logits = torch.randn(50, 256) * 30  # very peaked rows: most bytes would round to zero
-    logits[0] = 0.0
-    logits[1, 7] = 1e4
-    pmf = quantize(logits)
-    counts = pmf.astype(np.int64) + 1
-    assert (counts >= 1).all() and (counts.sum(1) == 1 << PRECISION).all()
-    assert pmf.dtype == np.float32 and np.array_equal(pmf, quantize(logits.clone()))
-
-
-def test_an_unexpected_byte_costs_at_most_the_precision_in_bits():
-    import constriction
-    pmf = quantize(torch.full((1, 256), -1e4).index_fill_(1, torch.tensor([65]), 1e4)).repeat(1000, 0)
-    assert pmf[0, 66] == 0  # byte 66 keeps only the free quantum
-    encoder = constriction.stream.queue.RangeEncoder()
-    encoder.encode(np.full(1000, 66, np.int32), constriction.stream.model.Categorical(perfect=False), pmf)
-    assert PRECISION * 1000 <= encoder.num_bits() <= PRECISION * 1000 + 64
-
-
-def test_refuses_another_model(model):
+def test_refuses_another_model_and_a_file_without_one(model):
     blob = compress_bytes(model, TEXT[:500])
     with pytest.raises(ContainerError, match="another model"):
         decompress_bytes(tiny_model(seed=1), blob)
+    with pytest.raises(ContainerError, match="compressed with a model"):
+        decompress_bytes(None, blob)
 
 
 def test_refuses_every_truncation(model):
-    data = TEXT[:300]
-    blob = compress_bytes(model, data)
+    blob = compress_bytes(model, TEXT[:300])
     for n in range(len(blob)):
         with pytest.raises(ContainerError, match="truncated|not a bytelm"):
             decompress_bytes(model, blob[:n])
 
 
-def test_refuses_a_newer_version_and_other_files(model):
+def test_refuses_other_versions_and_other_files(model):
     blob = bytearray(compress_bytes(model, b"abc"))
     blob[8:10] = struct.pack("<H", FORMAT_VERSION + 1)
-    with pytest.raises(ContainerError, match="version 2: this bytelm reads version 1"):
+    with pytest.raises(ContainerError, match=f"version {FORMAT_VERSION + 1}: this bytelm reads version 2"):
+        decompress_bytes(model, bytes(blob))
+    blob[8:10] = struct.pack("<H", 1)
+    with pytest.raises(ContainerError, match="version 1, written by an earlier bytelm"):
         decompress_bytes(model, bytes(blob))
     for other in (b"", b"hello", b"\x1f\x8b\x08\x00" + bytes(40), TEXT):
         with pytest.raises(ContainerError, match="not a bytelm compressed file|truncated"):
@@ -194,87 +202,76 @@ def test_refuses_a_newer_version_and_other_files(model):
 
 
 def repack(blob: bytes, **changes) -> bytes:
-    """`blob` with header fields changed and both CRCs recomputed: a crafted, well-formed file."""
+    """`blob` with header fields changed and the header's CRC recomputed: a crafted, well-formed file."""
+    import json
     header_len = struct.unpack_from("<I", blob, 10)[0]
     fields = json.loads(blob[14:14 + header_len])
     fields.update(changes)
     body = json.dumps(fields).encode()
     head = MAGIC + struct.pack("<HI", FORMAT_VERSION, len(body)) + body
-    payload = blob[14 + header_len + 8:]
-    return head + struct.pack("<II", zlib.crc32(head), zlib.crc32(payload)) + payload
+    return head + struct.pack("<I", zlib.crc32(head)) + blob[14 + header_len + 4:]
 
 
-def test_refuses_crafted_headers_without_allocating(model):
+def test_refuses_crafted_headers_and_other_arithmetic(model):
     blob = compress_bytes(model, TEXT[:500])
-    header = read_header(blob)
-    for changes, why in [({"length": 1 << 60}, "streams in the table"),
-                         ({"batch": 4096}, "batch of 4096"),
-                         ({"segment_len": 1 << 17}, "batch of 8 for 1 segments"),
-                         ({"streams": [1 << 39] * header.groups}, "truncated"),
-                         ({"precision": 99}, "precision"),
-                         ({"sha256": "zz"}, "SHA-256"),
-                         ({"extra": 1}, "fields")]:
+    for changes, why in [({"block_size": 1 << 30}, "block_size"), ({"rows": 0}, "rows"),
+                         ({"coder": "cm/999"}, "coder cm/999"), ({"step": "bytelm-detstep/999"}, "model step"),
+                         ({"stride": 1 << 21}, "stride"), ({"model": None}, "do not agree"),
+                         ({"extra": 1}, "fields"), ({"context": 999}, "does not fit this model")]:
         with pytest.raises(ContainerError, match=why):
             decompress_bytes(model, repack(blob, **changes))
 
 
-def test_checksum_failure_publishes_nothing(model):
-    data = TEXT[:500]
-    wrong = repack(compress_bytes(model, data), sha256="0" * 64)
+def crafted_block(kind: int, raw_len: int, payload: bytes, raw_crc: int = 0) -> bytes:
+    head = struct.pack("<BIII", kind, raw_len, len(payload), raw_crc)
+    return head + struct.pack("<I", zlib.crc32(payload, zlib.crc32(head))) + payload
+
+
+def test_a_claim_its_payload_cannot_hold_is_refused_before_any_work(model):
+    """A 4 MB block claimed from 4 bytes of coded data (the decompression bomb of issue 32): refused at once."""
+    blob = compress_bytes(model, b"")
+    head = blob[:len(blob) - 57]  # the header; the end block is 17 + 40 bytes
+    header = read_header(blob)
+    for block in (crafted_block(container.CODED, header.block_size, b""),
+                  crafted_block(container.CODED, header.block_size, bytes(4)),
+                  crafted_block(container.CODED, 100, bytes(100)),
+                  crafted_block(container.STORED, 100, bytes(50)),
+                  crafted_block(7, 1, b"x")):
+        t = time.perf_counter()
+        with pytest.raises(ContainerError, match="damaged"):
+            decompress_bytes(model, head + block * 1000)
+        assert time.perf_counter() - t < 1.0
+
+
+def test_max_output_stops_a_long_file_before_its_block_is_decoded():
+    data = bytes(3 * SMALL_BLOCK)
+    blob = compress_bytes(None, data, block_size=SMALL_BLOCK)
+    with pytest.raises(ContainerError, match="limit of 10,000 bytes"):
+        decompress_bytes(None, blob, max_output=10_000)
+    assert decompress_bytes(None, blob, max_output=len(data)) == data
+    assert decompress_bytes(None, blob, max_output=None) == data
+
+
+def test_checksum_failure_and_trailing_data_are_refused():
+    blob = compress_bytes(None, TEXT[:500])
+    end = crafted_block(container.END, 0, struct.pack("<Q32s", 500, bytes(32)))
     with pytest.raises(ContainerError, match="SHA-256"):
-        decompress_bytes(model, wrong)
-
-
-def test_crafted_payloads_with_valid_crcs_are_refused(model):
-    """Garbage that passes both CRCs reaches the range decoder: it must end in one ContainerError (a stream that
-    does not decode, or decodes to bytes that fail the SHA-256), never another exception or wrong bytes."""
-    data = TEXT[:600]
-    blob = compress_bytes(model, data, segment_len=32)
-    header_len = struct.unpack_from("<I", blob, 10)[0]
-    head, payload = blob[:14 + header_len], blob[14 + header_len + 8:]
-    rng = np.random.default_rng(0)
-    for i in range(60):
-        if i % 3 == 0:
-            body = rng.integers(0, 256, len(payload), dtype=np.uint8).tobytes()
-        elif i % 3 == 1:
-            body = bytearray(payload)
-            body[rng.integers(0, len(body))] ^= 1 << int(rng.integers(0, 8))
-            body = bytes(body)
-        else:
-            body = bytes(len(payload)) if i % 2 else b"\xff" * len(payload)
-        with pytest.raises(ContainerError, match="damaged|SHA-256"):
-            decompress_bytes(model, head + struct.pack("<II", zlib.crc32(head), zlib.crc32(body)) + body)
-
-
-def test_refuses_another_encoder_setup_unless_asked(model):
-    data = TEXT[:200]
-    blob = compress_bytes(model, data)
-    encoder = dict(read_header(blob).encoder, torch="0.0.1")
-    foreign = repack(blob, encoder=encoder)
-    with pytest.raises(ContainerError, match="another setup .*torch '0.0.1'"):
-        decompress_bytes(model, foreign)
-    assert decompress_bytes(model, foreign, any_encoder=True) == data
-
-
-def test_fingerprint_changes_with_any_weight(model):
-    other = tiny_model()
-    assert model_fingerprint(other) == model_fingerprint(model)
-    with torch.no_grad():
-        other.blocks[1].mlp.fc.weight[3, 4] += 1e-6
-    assert model_fingerprint(other) != model_fingerprint(model)
+        decompress_bytes(None, blob[:-57] + end)
+    with pytest.raises(ContainerError, match="after the end"):
+        decompress_bytes(None, blob + b"x")
 
 
 FUZZ_DATA = TEXT[:150] + bytes(range(0, 256, 7))
 
 
 @pytest.fixture(scope="module")
-def fuzz_blob(model) -> bytes:
-    return compress_bytes(model, FUZZ_DATA, segment_len=32)
+def fuzz_blob() -> bytes:
+    return compress_bytes(None, FUZZ_DATA)
 
 
-@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_fuzzed_damage_never_tracebacks_or_decodes_wrong(model, fuzz_blob, data):
+def test_fuzzed_damage_never_tracebacks_or_decodes_wrong(fuzz_blob, data):
     blob = bytearray(fuzz_blob)
     kind = data.draw(st.sampled_from(["flip", "flips", "truncate", "byte"]))
     if kind == "truncate":
@@ -287,11 +284,27 @@ def test_fuzzed_damage_never_tracebacks_or_decodes_wrong(model, fuzz_blob, data)
             else:
                 blob[at] ^= 1 << data.draw(st.integers(0, 7))
     try:
-        out = decompress_bytes(model, bytes(blob))
+        out = decompress_bytes(None, bytes(blob))
     except ContainerError as e:
         assert "\n" not in str(e)
         return
     assert out == FUZZ_DATA  # only an unchanged file may decode (a byte set to its own value)
+
+
+def test_crafted_payloads_with_valid_crcs_are_refused():
+    """Garbage that passes the CRCs reaches the coder: it must end in one ContainerError, never wrong bytes."""
+    blob = compress_bytes(None, TEXT[:3000])
+    read = io.BytesIO(blob).read
+    header = container.read_header(read)
+    head = blob[:len(blob) - len(read())]
+    block = blocks_of(blob)[0]
+    rng = np.random.default_rng(0)
+    for i in range(30):
+        body = rng.integers(0, 256, len(block.payload), dtype=np.uint8).tobytes()
+        forged = crafted_block(container.CODED, block.raw_len, body, block.raw_crc)
+        with pytest.raises(ContainerError, match="damaged|SHA-256"):
+            decompress_bytes(None, head + forged + blob[-57:])
+    assert header.model is None
 
 
 # --- the command line -------------------------------------------------------------------------------------
@@ -304,10 +317,10 @@ def checkpoint(tmp_path_factory, model) -> Path:
     return path
 
 
-def cli(*args, stdin: bytes | None = None, cwd=None, preexec_fn=None, stdout=subprocess.PIPE):
+def cli(*args, stdin=None, cwd=None, preexec_fn=None, stdout=subprocess.PIPE, env=None):
     return subprocess.run([sys.executable, "-m", "bytelm.cli", *map(str, args)], input=stdin, stdout=stdout,
                           stderr=subprocess.PIPE, timeout=120, cwd=cwd, preexec_fn=preexec_fn,
-                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), **(env or {})})
 
 
 def one_error_line(r) -> str:
@@ -316,6 +329,7 @@ def one_error_line(r) -> str:
     return err
 
 
+@pytest.mark.slow
 def test_cli_files_round_trip_keeping_the_input_and_refusing_to_overwrite(checkpoint, tmp_path):
     src = tmp_path / "notes.txt"
     src.write_bytes(TEXT)
@@ -341,6 +355,7 @@ def test_cli_stdin_to_stdout_round_trip(checkpoint):
     assert unpacked.returncode == 0 and unpacked.stdout == data
 
 
+@pytest.mark.slow
 def test_cli_refusals_are_one_line_and_leave_no_output(checkpoint, tmp_path):
     src = tmp_path / "a.txt"
     src.write_bytes(TEXT[:400])
@@ -349,20 +364,27 @@ def test_cli_refusals_are_one_line_and_leave_no_output(checkpoint, tmp_path):
     other = tmp_path / "other.pt"
     m = tiny_model(seed=2)
     save_checkpoint(other, m, m.config)
-    (tmp_path / "bad.blz").write_bytes(blob[:-3] + bytes([blob[-3] ^ 4]) + blob[-2:])
+    (tmp_path / "bad.blz").write_bytes(blob[:-70] + bytes([blob[-70] ^ 4]) + blob[-69:])
     (tmp_path / "short.blz").write_bytes(blob[:len(blob) // 2])
-    (tmp_path / "wrong.blz").write_bytes(repack(blob, sha256="1" * 64))
     cases = [(("decompress", other, tmp_path / "a.blz"), "another model"),
              (("decompress", checkpoint, tmp_path / "bad.blz"), "damaged"),
              (("decompress", checkpoint, tmp_path / "short.blz"), "truncated"),
-             (("decompress", checkpoint, tmp_path / "wrong.blz"), "SHA-256"),
+             (("decompress", checkpoint, tmp_path / "a.blz", "-o", tmp_path / "x", "--max-output", "100"), "limit"),
              (("decompress", checkpoint, src, "-o", tmp_path / "x"), "not a bytelm"),
              (("decompress", checkpoint, tmp_path / "missing.blz"), "cannot read"),
              (("decompress", checkpoint, src), "no .blz suffix")]
     for args, why in cases:
         assert why in one_error_line(cli(*args))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.blz", "a.txt", "bad.blz", "other.pt", "short.blz",
-                                                          "wrong.blz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.blz", "a.txt", "bad.blz", "other.pt", "short.blz"]
+
+
+def test_cli_closed_stdout_is_one_line(checkpoint, tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"abc")
+    for command in ("compress", "decompress"):
+        r = subprocess.run([sys.executable, "-m", "bytelm.cli", command, str(checkpoint), str(tmp_path / "a.txt"),
+                            "-o", "-"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120,
+                           preexec_fn=lambda: os.close(1))
+        assert "standard output is closed" in one_error_line(r)
 
 
 def _file_size_limit(limit: int):
@@ -380,10 +402,29 @@ def test_cli_full_disk_is_one_line_and_leaves_no_partial_file(checkpoint, tmp_pa
     r = cli("decompress", checkpoint, tmp_path / "a.txt.blz", preexec_fn=_file_size_limit(1000))
     assert "File too large" in one_error_line(r)
     src.write_bytes(TEXT)
-    r = cli("compress", checkpoint, src, "-o", tmp_path / "b.blz", preexec_fn=_file_size_limit(1000))
+    r = cli("compress", checkpoint, src, "-o", tmp_path / "b.blz", preexec_fn=_file_size_limit(100))
     assert "cannot write" in one_error_line(r)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "a.txt.blz"]
     if Path("/dev/full").exists():
         with open("/dev/full", "wb") as full:
             r = cli("decompress", checkpoint, "-", stdin=(tmp_path / "a.txt.blz").read_bytes(), stdout=full)
         assert "No space left" in one_error_line(r)
+
+
+def test_three_builds_of_the_coder_give_identical_files():
+    """mix.c is integer arithmetic: -O0, the default -O2 and -O3 -march=native code the same bits, with the model
+    input and without."""
+    from bytelm.codec.mixer import COMMON_FLAGS
+    data = TEXT[:3000] + random_bytes(2000, seed=9) + Path(__file__).read_bytes()[:9000]
+    rows = 2
+
+    def model_like(prev: np.ndarray) -> np.ndarray:  # counts from the previous bytes: changing, deterministic
+        counts = np.full((rows, 256), 64, np.uint32)
+        counts[np.arange(rows), prev] += (1 << 16) - 256 * 64
+        return counts
+    outputs = []
+    for flags in (["-O0", *COMMON_FLAGS], None, ["-O3", "-march=native", *COMMON_FLAGS]):
+        outputs.append((ContextMixer(flags=flags).encode(data, rows), ContextMixer(flags=flags).encode(data, rows,
+                                                                                                     model_like)))
+    assert outputs[0] == outputs[1] == outputs[2] and None not in outputs[0]
+    assert ContextMixer(flags=["-O0", *COMMON_FLAGS]).decode(outputs[2][1], len(data), rows, model_like) == data

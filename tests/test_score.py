@@ -196,3 +196,64 @@ def test_cli_refuses_a_thread_count_past_the_cpus_and_a_closed_stdin(checkpoint)
     r = subprocess.run([sys.executable, "-m", "bytelm.cli", "score", str(checkpoint), "-"], stdin=subprocess.DEVNULL,
                        capture_output=True, timeout=120, preexec_fn=lambda: os.close(0))
     assert r.returncode == 1 and b"standard input is closed" in r.stderr, r.stderr
+
+
+def test_score_stream_gives_score_bytes_scores_in_any_chunking():
+    from bytelm.codec.score import score_stream
+    model = random_model()
+    data = bytes(np.random.default_rng(5).integers(0, 256, 700, dtype=np.uint8))
+    whole = score_bytes(model, data, stride=24, batch_size=3, top_k=2)
+    for size in (1, 50, 64, 1000):
+        pieces = list(score_stream(model, (data[i:i + size] for i in range(0, len(data), size)), stride=24,
+                                   batch_size=3, top_k=2))
+        assert b"".join(p for p, _ in pieces) == data
+        np.testing.assert_array_equal(np.concatenate([s.surprisal for _, s in pieces]), whole.surprisal)
+        np.testing.assert_array_equal(np.concatenate([s.top_bytes for _, s in pieces]), whole.top_bytes)
+
+
+def test_api_takes_bytes_like_data_only():
+    model = random_model()
+    for bad in (10 ** 9, "text", None):
+        with pytest.raises(TypeError, match="data must be bytes-like"):
+            score_bytes(model, bad)
+    assert len(score_bytes(model, memoryview(b"abcd"))) == 4
+
+
+def test_a_batch_that_cannot_fit_in_memory_is_one_line(checkpoint):
+    with pytest.raises(BytelmError, match="memory"):
+        score_bytes(random_model(), b"abc", batch_size=10 ** 12)
+    r = cli("score", str(checkpoint), "-", "--batch-size", "1000000000000", stdin=b"abc")
+    assert r.returncode == 1 and r.stderr.count(b"\n") == 1 and b"memory" in r.stderr, r.stderr
+
+
+def test_cli_closed_stdout_is_one_line(checkpoint):
+    r = subprocess.run([sys.executable, "-m", "bytelm.cli", "score", str(checkpoint), "-"], input=b"abc",
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120, preexec_fn=lambda: os.close(1))
+    assert r.returncode == 1 and b"standard output is closed" in r.stderr, r.stderr
+
+
+@pytest.mark.slow
+def test_cli_endless_stdin_into_held_scores_is_refused_in_one_line(checkpoint, tmp_path):
+    """.npz holds every byte's scores: fed /dev/zero, it stops at the memory limit with one line, no file."""
+    with open("/dev/zero", "rb") as zero:
+        r = subprocess.run([sys.executable, "-m", "bytelm.cli", "score", str(checkpoint), "-", "--per-byte",
+                            str(tmp_path / "s.npz"), "--batch-size", "1", "--threads", "1"], stdin=zero,
+                           capture_output=True, timeout=300, env={**os.environ, "BYTELM_MAX_MEMORY": "600K"})
+    assert r.returncode == 1 and r.stderr.count(b"\n") == 1 and b"per-byte scores held" in r.stderr, r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_per_byte_jsonl_streams_several_files(checkpoint, tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"hello " * 30)
+    (tmp_path / "b.txt").write_bytes(b"world " * 30)
+    out_path = tmp_path / "s.jsonl"
+    r = cli("score", str(checkpoint), str(tmp_path / "a.txt"), str(tmp_path / "b.txt"), "--per-byte", str(out_path),
+            "--patches", "--patch-threshold", "1.0", "--patch-max-len", "4", "--json")
+    assert r.returncode == 0, r.stderr.decode()
+    rows = [json.loads(line) for line in out_path.read_text().splitlines()]
+    assert [row["file"] for row in rows] == [str(tmp_path / "a.txt")] * 180 + [str(tmp_path / "b.txt")] * 180
+    starts = np.flatnonzero([row["patch_start"] for row in rows[:180]])
+    entropy = np.array([row["entropy"] for row in rows[:180]])
+    assert starts.tolist() == entropy_patches(entropy, threshold=1.0, max_len=4).tolist()
+    out = json.loads(r.stdout)
+    assert out["total"]["bytes"] == 360 and out["files"][0]["patches"] == len(starts)

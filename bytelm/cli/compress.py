@@ -8,7 +8,9 @@
 As gzip and zstd do: `-` reads stdin, `-o -` writes stdout (the default when the input is stdin), the input
 is always kept, an existing output is refused without -f, and a file is written atomically: a temporary file
 renamed into place once complete and, when decompressing, once the original's SHA-256 has been checked, so a
-failure at any point leaves no partial output. docs/compression.md has the format and the guarantees.
+failure at any point leaves no partial output. Input and output go a block at a time (memory does not grow
+with the file); to stdout, each decoded block is written once its CRC-32 has passed. decompress refuses to
+write more than --max-output bytes (default 4 GiB). docs/compression.md has the format and the guarantees.
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ from pathlib import Path
 from typing import Sequence
 
 from bytelm.errors import BytelmError
-from bytelm.cli.score import add_thread_argument, read_input, set_threads
+from bytelm.cli.score import add_thread_argument, input_size, read_chunks, set_threads
+from bytelm.cli.terminal import text_stdout
 
 
 def _parser(prog: str, decompress: bool) -> argparse.ArgumentParser:
@@ -36,14 +39,13 @@ def _parser(prog: str, decompress: bool) -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary line")
     add_thread_argument(parser)
     if decompress:
-        parser.add_argument("--any-encoder", action="store_true",
-                            help="decode a file encoded with another torch version or CPU kind (the SHA-256 check "
-                            "still refuses a wrong result)")
+        parser.add_argument("--max-output", type=_size, default=None, metavar="BYTES",
+                            help="refuse to write more than this (a decompression bomb); K, M, G or T suffixes; "
+                            "0: no limit (default: 4G)")
     else:
-        parser.add_argument("--segment-len", type=int, default=None, metavar="N",
-                            help="bytes per independently coded segment (default: the model's context)")
-        parser.add_argument("--batch-size", type=int, default=None, metavar="N",
-                            help="segments coded side by side (default: as many as 256 MiB of cache allows)")
+        parser.add_argument("--stride", type=int, default=None, metavar="N",
+                            help="bytes each window of the model's context moves on (default: 3/4 of the context; "
+                            "smaller predicts from more context, more slowly)")
     return parser
 
 
@@ -61,6 +63,7 @@ def _output_path(args, decompress: bool) -> Path | None:
         else:
             raise BytelmError(f"{args.input}: no {SUFFIX} suffix to remove; name the output with -o")
     if out == "-":
+        text_stdout()  # a closed stdout (`>&-`) is one line, before any work
         if not decompress and sys.stdout.isatty():
             raise BytelmError("compressed data not written to a terminal; use -o FILE or redirect stdout")
         return None
@@ -76,51 +79,51 @@ def _output_path(args, decompress: bool) -> Path | None:
     return path
 
 
-def _write_stream(path: Path | None, parts: list[bytes]) -> None:
-    """Write to stdout (path None) or to a device or pipe, which can hold no temporary file to rename."""
-    if path is None:
-        for part in parts:
-            sys.stdout.buffer.write(part)
-        sys.stdout.buffer.flush()
-        return
-    with open(path, "wb") as f:
-        for part in parts:
-            f.write(part)
+def _size(text: str) -> int:
+    """'4G', '512M', '1000' -> bytes (K, M, G, T are powers of 1024)."""
+    import re
+    m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 4G, 512M or 1000000")
+    return int(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " ")
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "bytelm compress") -> int:
     decompressing = prog.endswith("decompress")
     args = _parser(prog, decompressing).parse_args(argv)
     out_path = _output_path(args, decompressing)
-    data = read_input(args.input)
+    chunks = read_chunks(args.input)
 
     from bytelm.checkpoint import load_model
-    from bytelm.codec.compress import compress_bytes, decompress_into
+    from bytelm.codec.compress import DEFAULT_MAX_OUTPUT, compress_stream, decompress_stream
     from bytelm.files import atomic_write
     set_threads(args.threads)
     model, _ = load_model(args.model)
     progress = not args.quiet
     stream = out_path is None or not out_path.is_file() and out_path.exists()  # stdout, a device or a pipe
-    try:
-        if not decompressing:
-            blob = compress_bytes(model, data, segment_len=args.segment_len, batch_size=args.batch_size,
-                                  progress=progress)
-            if stream:
-                _write_stream(out_path, [blob])
-            else:
-                atomic_write(out_path, lambda f: f.write(blob))
-            sizes = (len(data), len(blob))
-        elif stream:
-            parts: list[bytes] = []  # a stream can't be taken back: hold everything until the checksum passes
-            n = decompress_into(model, data, parts.append, any_encoder=args.any_encoder, progress=progress)
-            _write_stream(out_path, parts)
-            sizes = (len(data), n)
+    sizes = [0, 0]
+
+    def run(write) -> None:
+        if decompressing:
+            limit = DEFAULT_MAX_OUTPUT if args.max_output is None else args.max_output or None
+            reader = ChunkReader(chunks)
+            sizes[1] = decompress_stream(model, reader.read, write, max_output=limit, progress=progress)
+            sizes[0] = reader.consumed
         else:
-            # Written as decoded into the temporary file; decompress_into raises before returning if the
-            # checksum fails, and atomic_write then removes the temporary file: nothing is published.
-            atomic_write(out_path, lambda f: decompress_into(model, data, f.write, any_encoder=args.any_encoder,
-                                                             progress=progress))
-            sizes = (len(data), out_path.stat().st_size)
+            sizes[:] = compress_stream(model, chunks, write, stride=args.stride, progress=progress,
+                                       total=input_size(args.input))
+
+    try:
+        if out_path is None:
+            # Streamed: compressed blocks as they are made; decoded blocks once their CRC-32 passes (the SHA-256
+            # of the whole, checked at the end, can't take back what was written).
+            run(_stdout_write)
+        elif stream:
+            with open(out_path, "wb") as f:
+                run(f.write)
+        else:
+            # Into a temporary file renamed into place only if everything passed: nothing is published otherwise.
+            atomic_write(out_path, lambda f: run(f.write))
     except OSError as e:
         if isinstance(e, BrokenPipeError):
             raise
@@ -132,3 +135,25 @@ def main(argv: Sequence[str] | None = None, prog: str = "bytelm compress") -> in
         print(f"{args.input} -> {out_path}: {original:,} bytes <-> {packed:,} bytes ({bpb:.3f} bits per byte)",
               file=sys.stderr)
     return 0
+
+
+def _stdout_write(part: bytes) -> None:
+    sys.stdout.buffer.write(part)
+
+
+class ChunkReader:
+    """read(n) over an iterator of chunks (bytelm.cli.score.read_chunks), counting the bytes it handed out."""
+
+    def __init__(self, chunks) -> None:
+        self.chunks, self.buf, self.consumed = iter(chunks), bytearray(), 0
+
+    def read(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            chunk = next(self.chunks, None)
+            if chunk is None:
+                break
+            self.buf += chunk
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        self.consumed += len(out)
+        return out

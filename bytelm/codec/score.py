@@ -3,7 +3,8 @@
     from bytelm import load_model
     from bytelm.codec.score import score_bytes, entropy_patches
     model, _ = load_model("byte_llm_model.pt")
-    s = score_bytes(model, open("notes.txt", "rb").read(), top_k=3)
+    s = score_bytes(model, open("notes.txt", "rb").read(), top_k=3)   # TypeError for anything not bytes-like
+    for piece, scores in score_stream(model, iter(lambda: f.read(1 << 20), b"")): ...   # bounded memory
     s.bits_per_byte, s.surprisal[:10], s.rank[:10], s.top_bytes[:10]
     starts = entropy_patches(s.entropy, threshold=2.0)     # Byte Latent Transformer style patch starts
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -71,9 +72,9 @@ def _empty_scores(top_k: int) -> ByteScores:
                       np.zeros((0, top_k), np.uint8), np.zeros((0, top_k), np.float32))
 
 
-def progress_callback(progress, total: int, label: str = "scoring"):
+def progress_callback(progress, total: int | None, label: str = "scoring"):
     """progress: None/False (silent), True (a tqdm bar on stderr when it is a terminal, for inputs of 64 KiB or
-    more) or a callable(bytes_done, total). Returns (update(n_new), close())."""
+    more or of unknown size, total None) or a callable(bytes_done, total). Returns (update(n_new), close())."""
     if callable(progress):
         done = [0]
 
@@ -81,63 +82,129 @@ def progress_callback(progress, total: int, label: str = "scoring"):
             done[0] += k
             progress(done[0], total)
         return update, lambda: None
-    if progress and total >= _PROGRESS_MIN_BYTES:
+    if progress and (total is None or total >= _PROGRESS_MIN_BYTES):
         from tqdm import tqdm
         bar = tqdm(total=total, unit="B", unit_scale=True, desc=label, leave=False, disable=None)
         return bar.update, bar.close
     return (lambda k: None), (lambda: None)
 
 
+def _check_data(data) -> bytes | memoryview:
+    """`data` as a bytes-like object; TypeError naming `data` for anything else (an int would be bytes(n) zeros)."""
+    if isinstance(data, (bytes, bytearray)):
+        return data
+    if isinstance(data, memoryview):
+        return data.cast("B") if data.format != "B" else data
+    raise TypeError(f"data must be bytes-like (bytes, bytearray or memoryview), not {type(data).__name__}")
+
+
+def _check_settings(model: ByteLM, stride, top_k, batch_size) -> tuple[int, int]:
+    """(stride, batch_size) with their defaults, each checked; the batch's memory checked against the limit."""
+    cfg = model.config
+    context = cfg.block_size
+    stride = max(1, context // 2) if stride is None else stride
+    if not isinstance(stride, int) or isinstance(stride, bool) or not 1 <= stride <= context:
+        raise BytelmError(f"stride must be an integer in 1..{context} (the model's context), got {stride!r}")
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or not 0 <= top_k <= 256:
+        raise BytelmError(f"top_k must be an integer in 0..256, got {top_k!r}")
+    if batch_size is None:
+        batch_size = max(1, _POSITIONS_PER_BATCH // context)
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise BytelmError(f"batch_size must be a positive integer, got {batch_size!r}")
+    # What one forward pass of batch_size windows holds at once: per position the logits and their log-softmax
+    # (V floats each, twice), a layer's activations (about 16 x n_embd floats), and one layer's attention
+    # scores (n_head x context floats).
+    positions = batch_size * context
+    per_position = 4 * (3 * cfg.vocab_size + 16 * cfg.n_embd + 2 * cfg.n_head * context)
+    from bytelm.device import require_memory
+    require_memory([(f"scoring batch (batch_size {batch_size:,} x context {context} positions)",
+                     positions * per_position)], next(model.parameters()).device)
+    return stride, batch_size
+
+
 def score_bytes(model: ByteLM, data: bytes, *, stride: int | None = None, top_k: int = 0,
                 batch_size: int | None = None,
                 progress: bool | Callable[[int, int], None] | None = None) -> ByteScores:
-    """Score every byte of `data` with `model` (see the module docstring for how windows slide).
+    """Score every byte of `data` (bytes-like) with `model` (see the module docstring for how windows slide).
 
     stride: bytes each window moves on (1..context; default half the context). top_k: how many most likely
     bytes to keep per position (0..256). batch_size: windows per forward pass (default: about 4,096 positions).
     progress: None/False, True (a tqdm bar for large inputs) or a callable(bytes_done, total).
     """
-    data = bytes(data)
-    context = model.config.block_size
-    stride = max(1, context // 2) if stride is None else stride
-    if not isinstance(stride, int) or not 1 <= stride <= context:
-        raise BytelmError(f"stride must be an integer in 1..{context} (the model's context), got {stride!r}")
-    if not isinstance(top_k, int) or not 0 <= top_k <= 256:
-        raise BytelmError(f"top_k must be an integer in 0..256, got {top_k!r}")
-    if batch_size is None:
-        batch_size = max(1, _POSITIONS_PER_BATCH // context)
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise BytelmError(f"batch_size must be a positive integer, got {batch_size!r}")
-    n = len(data)
-    if n == 0:
+    data = _check_data(data)
+    pieces = [s for _, s in score_stream(model, [data], stride=stride, top_k=top_k, batch_size=batch_size,
+                                         progress=progress, total=len(data))]
+    if not pieces:
+        _check_settings(model, stride, top_k, batch_size)
         return _empty_scores(top_k)
+    return ByteScores(*(np.concatenate([getattr(p, f) for p in pieces]) for f in ByteScores.__dataclass_fields__))
 
+
+def score_stream(model: ByteLM, chunks: Iterable[bytes], *, stride: int | None = None, top_k: int = 0,
+                 batch_size: int | None = None, progress: bool | Callable[[int, int], None] | None = None,
+                 total: int | None = None) -> Iterator[tuple[bytes, ByteScores]]:
+    """Score a stream given as chunks of bytes, yielding (bytes, their ByteScores) pieces in order.
+
+    The windows are exactly score_bytes' over the concatenation (so are the scores), but memory holds one
+    batch of windows, never the whole input: an endless stream is scored in bounded memory. `total` (bytes,
+    if known) is for the progress bar only.
+    """
+    stride, batch_size = _check_settings(model, stride, top_k, batch_size)
+    context = model.config.block_size
     device = next(model.parameters()).device
-    # inputs[i] is what the model reads before predicting data[i]: the separator, then data shifted by one.
-    seq = np.frombuffer(bytes([DOC_SEPARATOR]) + data, dtype=np.uint8)
-    inputs = torch.from_numpy(seq[:-1].astype(np.int64))  # (n,)
-    targets = torch.from_numpy(seq[1:].astype(np.int64))  # (n,)
-    out = ByteScores(np.empty(n, np.float32), np.empty(n, np.float32), np.empty(n, np.int16),
-                     np.empty((n, top_k), np.uint8), np.empty((n, top_k), np.float32))
-    starts, firsts = sliding_windows(n, context, stride)  # bytelm/windows.py: the one sliding plan
-    width = min(context, n)
-    update, close = progress_callback(progress, n)
+    buf = bytearray([DOC_SEPARATOR])  # seq[base:]: the separator, then the data; inputs[i] = seq[i]
+    base, n, scored_to, last_start, planned = 0, 0, 0, None, 0  # n: data bytes read; planned: windows so far
+    pending: list[tuple[int, int]] = []  # (start, first scored) of windows not yet run
+    update, close = progress_callback(progress, total)
     was_training = model.training
     model.eval()
-    try:
+
+    def run(windows: list[tuple[int, int]], width: int) -> tuple[bytes, ByteScores]:
+        nonlocal buf, base
+        seq = np.frombuffer(bytes(buf), np.uint8)
+        starts = torch.tensor([s - base for s, _ in windows])
+        index = starts[:, None] + torch.arange(width)  # (B, T)
+        inputs = torch.from_numpy(seq[:-1].astype(np.int64))
+        targets = torch.from_numpy(seq[1:].astype(np.int64))
+        first, end = windows[0][1], min(windows[-1][0] + width, n)
+        out = ByteScores(np.empty(end - first, np.float32), np.empty(end - first, np.float32),
+                         np.empty(end - first, np.int16), np.empty((end - first, top_k), np.uint8),
+                         np.empty((end - first, top_k), np.float32))
         with torch.inference_mode():
-            for b in range(0, len(starts), batch_size):
-                chunk = starts[b:b + batch_size].tolist(), firsts[b:b + batch_size].tolist()
-                index = torch.tensor(chunk[0])[:, None] + torch.arange(width)  # (B, T)
-                logits, _ = model(inputs[index].to(device))  # (B, T, V)
-                for row, (start, first) in enumerate(zip(*chunk)):
-                    lo, hi = first - start, min(width, n - start)
-                    _score_rows(logits[row, lo:hi], targets[first:start + hi], out, first, top_k)
-                    update(hi - lo)
+            logits, _ = model(inputs[index].to(device))  # (B, T, V)
+        for row, (start, lo) in enumerate(windows):
+            hi = min(start + width, n)
+            _score_rows(logits[row, lo - start:hi - start], targets[lo - base:hi - base], out, lo - first, top_k)
+        update(end - first)
+        piece = bytes(buf[first + 1 - base:end + 1 - base])
+        keep = max(0, end - context)  # the next windows start at or after end - context
+        del buf[:keep - base]
+        base = keep
+        return piece, out
+
+    try:
+        for chunk in chunks:
+            buf += _check_data(chunk)
+            n += len(chunk)
+            # A window of sliding_windows' plan may run before the end is known once it is a full context
+            # long: the plan's windows start every `stride` bytes, and only the last one (moved back to end at
+            # n) needs n.
+            while True:
+                start = 0 if last_start is None else last_start + stride
+                if start + context > n:
+                    break
+                pending.append((start, scored_to))
+                last_start, scored_to, planned = start, start + context, planned + 1
+                if len(pending) == batch_size:
+                    yield run(pending, context)
+                    pending = []
+        starts, firsts = sliding_windows(n, context, stride)  # the whole plan, now that n is known
+        pending += list(zip(starts[planned:].tolist(), firsts[planned:].tolist()))
+        for b in range(0, len(pending), batch_size):
+            yield run(pending[b:b + batch_size], min(context, n))
     finally:
         close()
         model.train(was_training)
-    return out
 
 
 def _score_rows(logits: torch.Tensor, targets: torch.Tensor, out: ByteScores, at: int, top_k: int) -> None:
