@@ -28,6 +28,7 @@ from conftest import TINY_DOCS
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = "/usr/bin/chromedriver"
+REBOUND = "rebound.test"
 
 
 def _browser_or_skip():
@@ -75,14 +76,25 @@ def trained_checkpoint(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def server_url(trained_checkpoint):
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "bytelm.cli", "serve", str(trained_checkpoint), "--port",
-                             str(port)], cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server_log(tmp_path_factory) -> Path:
+    """The server's output, with uvicorn's access log: one line per request with its status."""
+    return tmp_path_factory.mktemp("browser-log") / "serve.log"
+
+
+@pytest.fixture(scope="module")
+def server_port(trained_checkpoint, server_log):
+    port = free_port()
+    with open(server_log, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "bytelm.cli", "serve", str(trained_checkpoint), "--port",
+                                 str(port), "--access-log"], cwd=REPO, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     import httpx
     deadline = time.monotonic() + 60
@@ -95,7 +107,7 @@ def server_url(trained_checkpoint):
             pass
         assert time.monotonic() < deadline, "bytelm serve did not start in 60 s"
         time.sleep(0.2)
-    yield url
+    yield port
     proc.terminate()
     try:
         proc.wait(15)
@@ -111,7 +123,9 @@ def browser():
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1100,900", "--force-device-scale-factor=1"):
+                "--window-size=1100,900", "--force-device-scale-factor=1",
+                # a name an attacker has rebound to 127.0.0.1 (DNS rebinding), without touching DNS
+                f"--host-resolver-rules=MAP {REBOUND} 127.0.0.1"):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(30)
@@ -141,9 +155,11 @@ def save_screenshot(driver, tmp_path: Path, name: str) -> Path:
     return shot
 
 
-def test_page_generates_colours_bytes_stops_and_analyzes(browser, server_url, tmp_path):
+@pytest.mark.parametrize("name", ["127.0.0.1", "localhost"])
+def test_page_generates_colours_bytes_stops_and_analyzes(browser, server_port, name, tmp_path):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
+    server_url = f"http://{name}:{server_port}"
     d = browser
     find = d.find_element
     d.get(server_url + "/")
@@ -209,3 +225,67 @@ def test_page_generates_colours_bytes_stops_and_analyzes(browser, server_url, tm
     wait_for(d, lambda d: "byte 0xc3" in find(By.ID, "tooltip").text)
     assert "byte 0xa9" in find(By.ID, "tooltip").text  # both bytes of the one glyph, each with its scores
     save_screenshot(d, tmp_path, "serve-analyze.png")
+
+
+ATTACK_PAGE = """<!doctype html><title>waiting</title><script>
+const api = "http://127.0.0.1:%d/v1/completions";
+const body = JSON.stringify({prompt: "from another site", max_tokens: 4});
+async function attack() {
+  // no-cors: the browser sends it without asking the server first (text/plain body), and hides the answer
+  await fetch(api, {method: "POST", mode: "no-cors", body: body});
+  try {  // a JSON body needs the server's CORS consent first
+    const r = await fetch(api, {method: "POST", headers: {"Content-Type": "application/json"}, body: body});
+    document.title = "read " + r.status;
+  } catch (e) {
+    document.title = "blocked";
+  }
+}
+attack().catch(e => { document.title = "error " + e; });
+</script>"""
+
+
+@pytest.fixture()
+def attack_url(server_port):
+    """A page on another origin (a second loopback port) that tries to use the server."""
+    import http.server
+    import threading
+    page = (ATTACK_PAGE % server_port).encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    thread.join(5)
+
+
+def test_pages_of_other_sites_cannot_use_the_server(browser, server_port, server_log, attack_url):
+    d = browser
+    seen = server_log.stat().st_size
+    d.get(attack_url)
+    wait_for(d, lambda d: d.title != "waiting")
+    assert d.title == "blocked"  # the preflight was refused, so the page never reads an answer
+    deadline = time.monotonic() + 5  # the server refused the no-cors POST as well: it generated nothing
+    while True:
+        log = server_log.read_bytes()[seen:].decode()
+        if '"POST /v1/completions HTTP/1.1" 403' in log and '"OPTIONS /v1/completions HTTP/1.1" 403' in log:
+            break
+        assert time.monotonic() < deadline, log
+        time.sleep(0.1)
+    assert '"POST /v1/completions HTTP/1.1" 200' not in log
+
+    # DNS rebinding: a name the attacker points at 127.0.0.1 gets no page and no API
+    d.get(f"http://{REBOUND}:{server_port}/")
+    assert "is not a name of this server" in d.find_element("tag name", "body").text
+    assert "bytelm" not in d.title

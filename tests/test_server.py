@@ -45,9 +45,14 @@ def checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def client(checkpoint):
-    with TestClient(create_app(checkpoint, ServeSettings(**LIMITS))) as c:
+    with local_client(create_app(checkpoint, ServeSettings(**LIMITS))) as c:
         wait_until(lambda: c.get("/health").status_code == 200)
         yield c
+
+
+def local_client(app) -> TestClient:
+    """FastAPI's TestClient, as a loopback client: the server answers only requests for its own names."""
+    return TestClient(app, base_url="http://127.0.0.1:8000")
 
 
 def wait_until(condition, timeout: float = 20.0) -> None:
@@ -83,7 +88,7 @@ def test_health_is_503_until_the_model_is_loaded():
         assert release.wait(20)
         return tiny_model()
 
-    with TestClient(create_app(slow_loader)) as c:
+    with local_client(create_app(slow_loader)) as c:
         r = c.get("/health")
         assert r.status_code == 503 and r.json()["status"] == "loading"
         r = c.post("/v1/completions", json={"prompt": "a"})
@@ -95,7 +100,7 @@ def test_health_is_503_until_the_model_is_loaded():
 
 
 def test_a_checkpoint_that_fails_to_load_is_reported_by_health(tmp_path):
-    with TestClient(create_app(tmp_path / "missing.pt")) as c:
+    with local_client(create_app(tmp_path / "missing.pt")) as c:
         wait_until(lambda: c.get("/health").json()["status"] == "error")
         r = c.get("/health")
         assert r.status_code == 503 and "not found" in r.json()["message"]
@@ -263,7 +268,7 @@ def test_bad_completion_bodies_get_a_json_error(client, body, status, words):
 
 def test_bad_requests_leave_the_server_serving(client):
     for body, _, _ in BAD_BODIES:
-        client.post("/v1/completions", content=body)
+        client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
     assert complete(client, prompt="ok", max_tokens=3)["usage"]["completion_tokens"] <= 3
     assert client.get("/health").json()["active"] == 0
 
@@ -276,7 +281,7 @@ def test_bad_requests_leave_the_server_serving(client):
     (b'{"text": "a", "stride": 4}', 422, "stride"),
 ])
 def test_bad_score_bodies_get_a_json_error(client, body, status, words):
-    r = client.post("/v1/score", content=body)
+    r = client.post("/v1/score", content=body, headers={"content-type": "application/json"})
     assert r.status_code == status and words in r.json()["error"]["message"], r.text
 
 
@@ -285,18 +290,19 @@ def test_unknown_routes_and_methods_get_json_errors(client):
     assert r.status_code == 404 and "/v1/nothing" in r.json()["error"]["message"]
     r = client.get("/v1/completions")
     assert r.status_code == 405 and "GET" in r.json()["error"]["message"]
+    assert r.json()["error"]["type"] == "invalid_request_error"  # the client's mistake, not the server's
 
 
 def test_a_chunked_body_over_the_limit_is_stopped_at_the_limit(client):
     def chunks():
         for _ in range(100):
             yield b" " * 1000  # 100 kB without a Content-Length
-    r = client.post("/v1/completions", content=chunks())
+    r = client.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"})
     assert r.status_code == 413 and "20,000 bytes" in r.json()["error"]["message"]
 
 
 def test_api_key_is_required_on_every_api_route_when_set(checkpoint):
-    with TestClient(create_app(checkpoint, ServeSettings(api_key="s3cret"))) as c:
+    with local_client(create_app(checkpoint, ServeSettings(api_key="s3cret"))) as c:
         wait_until(lambda: c.get("/health").status_code == 200)  # health and the page stay open
         assert c.get("/").status_code == 200
         for method, path in (("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/score")):

@@ -3,6 +3,7 @@
     bytelm serve byte_llm_model.pt                      # http://127.0.0.1:8000/  (the page), /v1/completions, ...
     bytelm serve MODEL --port 9000 --api-key secret     # or BYTELM_API_KEY=secret bytelm serve MODEL
     bytelm serve MODEL --max-active 16 --max-tokens 8192
+    bytelm serve MODEL --allow-origin http://localhost:3000   # let that page's script use the API (CORS)
 
 Needs the `serve` extra: pip install "bytelm[serve]" (FastAPI and uvicorn). docs/serving.md has every route.
 """

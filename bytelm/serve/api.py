@@ -5,7 +5,8 @@ the JSON of errors, logprobs, usage and scores. bytelm/serve/app.py has the rout
     request = generation_request(body, settings)           # -> bytelm.serve.engine.GenerationRequest
 
 Errors are {"error": {"message", "type", "param", "code"}}, OpenAI's shape: 400 for a body that is not JSON
-(or not UTF-8), 422 for a field of the wrong type or range, 413 for a prompt or body over its limit.
+(or not UTF-8), 415 for one not sent as application/json, 422 for a field of the wrong type or range, 413 for
+a prompt or body over its limit.
 """
 from __future__ import annotations
 
@@ -30,8 +31,10 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.headers = status, message, param, headers or {}
 
 
-_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                413: "request_too_large", 422: "invalid_request_error", 503: "server_busy"}
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
+                415: "invalid_request_error", 421: "invalid_request_error", 422: "invalid_request_error",
+                503: "server_busy"}
 
 
 def error_response(status: int, message: str, param: str | None = None, headers: dict | None = None):
@@ -79,7 +82,13 @@ def _reject_constant(name: str):
 
 
 async def parse_body(request: Request, model: type[_Body]) -> _Body:
-    """The request body as `model`, or an ApiError saying in one line what is wrong with it."""
+    """The request body as `model`, or an ApiError saying in one line what is wrong with it. Only a body sent
+    as application/json is read: a text/plain or form body needs no CORS preflight, so any web page could
+    send one (bytelm/serve/guard.py says more)."""
+    kind = request.headers.get("content-type", "")
+    if kind.split(";")[0].strip().lower() != "application/json":
+        raise ApiError(415, "request body must be sent with Content-Type: application/json ("
+                       + (f"got {kind!r})" if kind else "it had no Content-Type)"))
     raw = await request.body()
     try:
         text = raw.decode("utf-8")

@@ -11,6 +11,9 @@ Routes (docs/serving.md has a curl example of each):
     POST /v1/completions   OpenAI-style completion; stream=true sends server-sent events ending in [DONE]
     POST /v1/score         per-byte surprisal, entropy, rank and top alternatives; bits per byte; patches
 
+Only the user's own pages reach it: bytelm/serve/guard.py checks Host and Origin and adds the page's
+Content-Security-Policy; bodies are read only as application/json (api.parse_body). HEAD works where GET does.
+
 Every error is a JSON object {"error": {"message", "type", "param", "code"}} with the status that fits and a
 message naming the field or limit (bytelm/serve/api.py parses the bodies). Generation runs in bytelm.serve.engine.Engine,
 which serves every client from the one model; scoring runs bytelm.codec.score.score_bytes, as `bytelm score` does.
@@ -35,10 +38,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
 from bytelm.serve.api import (ApiError, CompletionBody, ScoreBody, error_response, generation_request, logprobs_json,
                   parse_body, score_json, text_bytes, usage_json)
 from bytelm.serve.engine import Engine, EngineBusy, Failed, Finished, Generation, Piece
+from bytelm.serve.guard import HostCheck, SiteGuard, page_policy
 from bytelm.settings import option
 from bytelm.errors import BytelmError
 
@@ -50,6 +55,12 @@ class ServeSettings:
     port: int = option(8000, "TCP port (0 = any free port)", group="server")  # llama-server's is 8080
     api_key: str = option("", "require `Authorization: Bearer KEY` on /v1/ routes (default: env "
                           "BYTELM_API_KEY, else none)", group="server", metavar="KEY")
+    allow_host: str = option("", "more names the Host header may carry, comma-separated (default: loopback "
+                             "names and addresses, and the --host address; * = any)", group="server",
+                             metavar="NAMES")
+    allow_origin: str = option("", "web origins besides the server's own whose pages may use the API (CORS), "
+                               "comma-separated, e.g. http://localhost:3000 (* = any)", group="server",
+                               metavar="ORIGINS")
     max_active: int = option(8, "generations stepped at once; more wait in the queue", group="limits",
                             metavar="N")
     max_queue: int = option(32, "requests waiting for a slot; past it the answer is 503 with Retry-After",
@@ -143,10 +154,19 @@ def create_app(model: str | os.PathLike | torch.nn.Module | Callable[[], torch.n
     app = FastAPI(title="bytelm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.bytelm = state
     _install_error_handlers(app)
-    app.add_middleware(_ApiKeyMiddleware, key=settings.api_key)
+    app.add_middleware(_ApiKeyMiddleware, key=settings.api_key)  # each added one wraps those before it
     app.add_middleware(_BodyLimitMiddleware, limit=settings.max_body_bytes)
+    origins = _names(settings.allow_origin)
+    if origins:  # answers preflights (before the key is asked for) and labels the answers for the browser
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "HEAD", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], max_age=600)
+    app.add_middleware(SiteGuard, hosts=HostCheck(settings.host, _names(settings.allow_host)), origins=origins)
     _add_routes(app, state)
     return app
+
+
+def _names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -293,11 +313,14 @@ async def _collect(handle: Generation, meta: dict, request: Request, with_logpro
 
 
 def _add_routes(app: FastAPI, state: _State) -> None:
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def page():
-        return HTMLResponse(page_html(), headers={"Cache-Control": "no-cache"})
+    html = page_html()
+    page_headers = {"Cache-Control": "no-cache", "Content-Security-Policy": page_policy(html)}
 
-    @app.get("/health")
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse, include_in_schema=False)
+    async def page():
+        return HTMLResponse(html, headers=page_headers)
+
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         if state.engine is None:
             return JSONResponse({"status": "error" if state.load_error else "loading",
@@ -305,7 +328,7 @@ def _add_routes(app: FastAPI, state: _State) -> None:
                                 status_code=503, headers={"Retry-After": "1"})
         return {"status": "ok", **state.engine.stats()}
 
-    @app.get("/v1/models")
+    @app.api_route("/v1/models", methods=["GET", "HEAD"])
     async def models():
         state.ready()
         m = state.model
