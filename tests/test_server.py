@@ -6,10 +6,8 @@ Requests that need real HTTP (streams read while they run, disconnects) go to uv
 127.0.0.1; the rest use FastAPI's TestClient. Every wait is bounded.
 """
 import asyncio
-import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -17,19 +15,18 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
-uvicorn = pytest.importorskip("uvicorn")
-from fastapi.testclient import TestClient  # noqa: E402
+pytest.importorskip("uvicorn")
 
 from bytelm.serve.engine import Engine, GenerationRequest, Piece, TextAssembler  # noqa: E402
 from bytelm.checkpoint import save_checkpoint  # noqa: E402
 from bytelm.infer.step import FastDecoder  # noqa: E402
 from bytelm.infer.generation import ByteLevelGenerator, InferenceConfig  # noqa: E402
 from bytelm.serve.app import ServeSettings, create_app  # noqa: E402
-from tiny import tiny_model
+from serving import SlowModel, free_port, live_server, local_client, sse_payloads, wait_until  # noqa: E402
+from tiny import tiny_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 LIMITS = dict(max_tokens=512, max_prompt_bytes=1000, max_body_bytes=20_000)
@@ -50,32 +47,10 @@ def client(checkpoint):
         yield c
 
 
-def local_client(app) -> TestClient:
-    """FastAPI's TestClient, as a loopback client: the server answers only requests for its own names."""
-    return TestClient(app, base_url="http://127.0.0.1:8000")
-
-
-def wait_until(condition, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
-
-
 def complete(client, **body) -> dict:
     r = client.post("/v1/completions", json=body)
     assert r.status_code == 200, r.text
     return r.json()
-
-
-def sse_payloads(lines) -> list:
-    """The `data:` payloads of a server-sent event stream, parsed (the final [DONE] kept as a string)."""
-    out = []
-    for line in lines:
-        if line.startswith("data: "):
-            data = line[len("data: "):]
-            out.append(data if data == "[DONE]" else json.loads(data))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -320,42 +295,6 @@ def test_api_key_is_required_on_every_api_route_when_set(checkpoint):
 # ---------------------------------------------------------------------------------------------------------
 # Concurrency, over real HTTP
 
-class SlowModel(torch.nn.Module):
-    """A ByteLM whose every forward pass takes `delay` seconds longer, so a generation is still running while
-    the test looks at it (the engine steps modules other than ByteLM through their forward)."""
-
-    def __init__(self, delay: float = 0.01):
-        super().__init__()
-        self.inner, self.delay = tiny_model(), delay
-        self.config = self.inner.config
-
-    def forward(self, idx, cache=None, last_only=False):
-        time.sleep(self.delay)
-        return self.inner(idx, cache=cache, last_only=last_only)
-
-    def new_cache(self, batch_size=1):
-        return self.inner.new_cache(batch_size)
-
-    def num_params(self):
-        return self.inner.num_params()
-
-
-@contextlib.contextmanager
-def live_server(app):
-    """uvicorn on 127.0.0.1, a free port, in a thread; stopped on exit."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_until(lambda: server.started or not thread.is_alive(), timeout=20)
-    assert server.started
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
 def test_a_full_queue_gets_503_with_retry_after_and_a_vanished_client_frees_its_slot():
     app = create_app(SlowModel(), ServeSettings(max_active=1, max_queue=0))
     with live_server(app) as url, httpx.Client(base_url=url, timeout=10) as http:
@@ -459,12 +398,6 @@ def test_engine_rows_decode_as_bytelm_generate_while_interleaved(workers, monkey
 
 # ---------------------------------------------------------------------------------------------------------
 # `bytelm serve` as a user runs it
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_bytelm_serve_answers_http_on_loopback(checkpoint):
     port = free_port()

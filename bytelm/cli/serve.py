@@ -35,6 +35,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "bytelm serve") -> int:
         import uvicorn
 
         from bytelm.serve.app import ServeSettings, create_app
+        from bytelm.serve.server import server_config
     except ImportError as e:
         raise BytelmError(f"bytelm serve needs FastAPI and uvicorn ({e.name} is missing): "
                           "pip install \"bytelm[serve]\"") from None
@@ -67,8 +68,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "bytelm serve") -> int:
               f"use the model (set --api-key or {API_KEY_ENV})", file=sys.stderr)
     print(f"bytelm serve: {args.model} ({model.num_params():,} parameters) at "
           f"http://{settings.host}:{settings.port}/ ; Ctrl-C stops", file=sys.stderr, flush=True)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
-                            access_log=args.access_log, timeout_graceful_shutdown=2)
+    config = server_config(app, settings.host, settings.port, log_level="info", access_log=args.access_log,
+                           timeout_graceful_shutdown=2)
     try:
         uvicorn.Server(config).run()
     except KeyboardInterrupt:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -121,6 +122,15 @@ def text_bytes(text: str, field: str, limit: int) -> bytes:
     return data
 
 
+def check_score_size(n_bytes: int, top_k: int, limit: int) -> None:
+    """413 when one /v1/score answer would hold more than `limit` alternatives (its bulk: ~18 bytes of JSON
+    each)."""
+    if n_bytes * top_k > limit:
+        raise ApiError(413, f"{n_bytes:,} bytes with top_k {top_k} is {n_bytes * top_k:,} alternatives; the limit "
+                       f"is {limit:,} (--max-score-alternatives): send a shorter text or a smaller top_k",
+                       param="top_k")
+
+
 def generation_request(body: CompletionBody, settings) -> GenerationRequest:
     """The engine's request for a completion body, checked against the server's limits (ServeSettings)."""
     if body.max_tokens > settings.max_tokens:
@@ -167,18 +177,35 @@ def usage_json(stats: dict) -> dict:
             "total_tokens": stats["prompt_n"] + stats["predicted_n"]}
 
 
-def score_json(scores, data: bytes, body: ScoreBody) -> dict:
-    """Columns of bytelm.codec.score.ByteScores (one entry per byte), floats rounded to what a reader can use."""
-    out = {"object": "score", "bytes": len(scores), "bits_per_byte": round(scores.bits_per_byte, 5),
-           "total_bits": round(scores.total_bits, 3), "byte_values": list(data),
-           "surprisal": [round(float(x), 4) for x in scores.surprisal],
-           "entropy": [round(float(x), 4) for x in scores.entropy],
-           "rank": scores.rank.astype(int).tolist()}
+_ROWS_PER_SLICE = 2048  # rows per json.dumps call: ~10 ms of the GIL at most (8 alternatives a row)
+
+
+def _json_array(values: np.ndarray, decimals: int | None) -> str:
+    """A column as a JSON array, encoded a slice at a time: between slices the event loop's thread may run."""
+    parts = []
+    for i in range(0, len(values), _ROWS_PER_SLICE):
+        part = values[i:i + _ROWS_PER_SLICE]
+        # rounded as float64, so 0.1235 prints as 0.1235 and not as the float32 nearest to it
+        part = np.round(part.astype(np.float64), decimals) if decimals is not None else part.astype(np.int64)
+        parts.append(json.dumps(part.tolist(), separators=(",", ":"))[1:-1])
+    return "[" + ",".join(parts) + "]"
+
+
+def score_answer(scores, data: bytes, body: ScoreBody, head: dict, tail: dict) -> bytes:
+    """The /v1/score answer as JSON: `head`, the columns of bytelm.codec.score.ByteScores (one entry per byte,
+    floats rounded to what a reader can use), patches if asked, then `tail`. Built in the scoring thread (an
+    answer may be megabytes) and a slice at a time, so it never holds the event loop up."""
+    fields = {**head, "object": "score", "bytes": len(scores), "bits_per_byte": round(scores.bits_per_byte, 5),
+              "total_bits": round(scores.total_bits, 3)}
+    columns = {"byte_values": (np.frombuffer(data, np.uint8), None), "surprisal": (scores.surprisal, 4),
+               "entropy": (scores.entropy, 4), "rank": (scores.rank, None)}
     if body.top_k:
-        out["top_bytes"] = scores.top_bytes.astype(int).tolist()
-        out["top_probs"] = [[round(float(p), 5) for p in row] for row in scores.top_probs]
+        columns.update(top_bytes=(scores.top_bytes, None), top_probs=(scores.top_probs, 5))
     if body.patches:
         from bytelm.codec.score import entropy_patches
-        out["patches"] = entropy_patches(scores.entropy, threshold=body.patch_threshold,
-                                         relative=body.patch_relative).tolist()
-    return out
+        tail = {"patches": entropy_patches(scores.entropy, threshold=body.patch_threshold,
+                                           relative=body.patch_relative).tolist(), **tail}
+    out = [json.dumps(fields, separators=(",", ":"))[:-1]]
+    out += [f',"{name}":{_json_array(values, decimals)}' for name, (values, decimals) in columns.items()]
+    out.append("," + json.dumps(tail, separators=(",", ":"))[1:] if tail else "}")
+    return "".join(out).encode()

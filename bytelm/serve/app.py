@@ -15,8 +15,9 @@ Only the user's own pages reach it: bytelm/serve/guard.py checks Host and Origin
 Content-Security-Policy; bodies are read only as application/json (api.parse_body). HEAD works where GET does.
 
 Every error is a JSON object {"error": {"message", "type", "param", "code"}} with the status that fits and a
-message naming the field or limit (bytelm/serve/api.py parses the bodies). Generation runs in bytelm.serve.engine.Engine,
-which serves every client from the one model; scoring runs bytelm.codec.score.score_bytes, as `bytelm score` does.
+message naming the field or limit (bytelm/serve/api.py parses the bodies). Generation runs in
+bytelm.serve.engine.Engine, which serves every client from the one model; scoring in bytelm.serve.scoring, off
+the event loop, as `bytelm score` scores.
 """
 from __future__ import annotations
 
@@ -36,14 +37,15 @@ from typing import Callable
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
-from bytelm.serve.api import (ApiError, CompletionBody, ScoreBody, error_response, generation_request, logprobs_json,
-                  parse_body, score_json, text_bytes, usage_json)
+from bytelm.serve.api import (ApiError, CompletionBody, ScoreBody, check_score_size, error_response,
+                              generation_request, logprobs_json, parse_body, score_answer, text_bytes, usage_json)
 from bytelm.serve.engine import Engine, EngineBusy, Failed, Finished, Generation, Piece
 from bytelm.serve.guard import HostCheck, SiteGuard, page_policy
+from bytelm.serve.scoring import ClientGone, Scorer, ScoreBusy
 from bytelm.settings import option
 from bytelm.errors import BytelmError
 
@@ -63,19 +65,24 @@ class ServeSettings:
                                metavar="ORIGINS")
     max_active: int = option(8, "generations stepped at once; more wait in the queue", group="limits",
                             metavar="N")
-    max_queue: int = option(32, "requests waiting for a slot; past it the answer is 503 with Retry-After",
+    max_queue: int = option(32, "requests waiting for a slot, and texts waiting to be scored; past it the "
+                            "answer is 503 with Retry-After",
                             group="limits", metavar="N")
     max_prompt_bytes: int = option(65536, "largest prompt or text to score, in UTF-8 bytes (413 past it)",
                                    group="limits", metavar="BYTES")
     max_tokens: int = option(4096, "largest max_tokens a request may ask for (400 past it)", group="limits",
                         metavar="N")
+    max_score_alternatives: int = option(1 << 19, "largest text bytes x top_k of one /v1/score answer "
+                                         "(413 past it; the default is 64 KiB x 8)", group="limits",
+                                         metavar="N")
     max_body_bytes: int = option(1 << 20, "largest request body in bytes (413 past it)", group="limits",
                                  metavar="BYTES")
     workers: int = option(1, "engine threads; each steps its own rows (the C step releases the GIL, so two "
                           "workers can use two free cores)", group="limits", metavar="N")
 
     def validate(self) -> None:
-        for name in ("max_active", "max_prompt_bytes", "max_tokens", "max_body_bytes", "workers"):
+        for name in ("max_active", "max_prompt_bytes", "max_tokens", "max_body_bytes", "workers",
+                     "max_score_alternatives"):
             if getattr(self, name) < 1:
                 raise BytelmError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.max_queue < 0:
@@ -93,19 +100,12 @@ class _State:
         self.model = None
         self.engine: Engine | None = None
         self.load_error: str | None = None
-        self.scoring = 0  # score requests in flight, bounded like the generation queue
-        self.score_lock = threading.Lock()  # guards `scoring`
-        self._forward_lock = threading.Lock()  # one scoring pass at a time: each already fills the cores
+        self.scorer: Scorer | None = None
 
     def ready(self) -> Engine:
         if self.engine is None:
             raise ApiError(503, self.load_error or "the model is still loading", headers={"Retry-After": "1"})
         return self.engine
-
-    def score(self, data: bytes, top_k: int):
-        from bytelm.codec.score import score_bytes
-        with self._forward_lock:
-            return score_bytes(self.model, data, top_k=top_k)
 
 
 def _load(source) -> torch.nn.Module:
@@ -139,7 +139,7 @@ def create_app(model: str | os.PathLike | torch.nn.Module | Callable[[], torch.n
         engine = Engine(module, max_active=settings.max_active, max_queue=settings.max_queue,
                         workers=settings.workers, decode_step=decode_step)
         await asyncio.to_thread(engine.start)
-        state.model, state.engine = module, engine
+        state.model, state.scorer, state.engine = module, Scorer(module, settings.max_queue), engine
 
     @asynccontextmanager
     async def lifespan(app):
@@ -358,16 +358,25 @@ def _add_routes(app: FastAPI, state: _State) -> None:
         state.ready()
         body = await parse_body(request, ScoreBody)
         data = text_bytes(body.text, "text", state.settings.max_prompt_bytes)
-        with state.score_lock:
-            if state.scoring > state.settings.max_queue:
-                raise ApiError(503, "server busy: too many texts waiting to be scored; retry shortly",
-                               headers={"Retry-After": "1"})
-            state.scoring += 1
-        t0 = time.perf_counter()
+        check_score_size(len(data), body.top_k, state.settings.max_score_alternatives)
+        gone = threading.Event()  # set when the client leaves: the scoring stops at its next chunk
+
+        def answer() -> bytes:
+            t0 = time.perf_counter()
+            scores = state.scorer.score(data, body.top_k, gone)
+            timings = {"ms": round((time.perf_counter() - t0) * 1000, 3)}
+            return score_answer(scores, data, body, {"model": state.name}, {"timings": timings})
+
         try:
-            scores = await asyncio.to_thread(state.score, data, body.top_k)
+            with state.scorer.admitted():
+                work = asyncio.ensure_future(asyncio.to_thread(answer))
+                while not (await asyncio.wait({work}, timeout=_DISCONNECT_CHECK_S))[0]:
+                    if await request.is_disconnected():
+                        gone.set()
+                return Response(await work, media_type="application/json")
+        except ScoreBusy as e:
+            raise ApiError(503, f"server busy: {e}; retry shortly", headers={"Retry-After": "1"}) from None
+        except ClientGone:
+            return error_response(400, "the client disconnected")  # nobody reads this
         finally:
-            with state.score_lock:
-                state.scoring -= 1
-        return {"model": state.name, **score_json(scores, data, body),
-                "timings": {"ms": round((time.perf_counter() - t0) * 1000, 3)}}
+            gone.set()  # a cancelled request stops its scoring too
