@@ -5,7 +5,7 @@
     bytelm serve MODEL --max-active 16 --max-tokens 8192
     bytelm serve MODEL --allow-origin http://localhost:3000   # let that page's script use the API (CORS)
 
-Needs the `serve` extra: pip install "bytelm[serve]" (FastAPI and uvicorn). docs/serving.md has every route.
+Needs the `serve` extra: pip install "bytelm[serve]" (FastAPI, uvicorn, prometheus-client). docs/serving.md has every route.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "bytelm serve") -> int:
         from bytelm.serve.app import ServeSettings, create_app
         from bytelm.serve.server import server_config
     except ImportError as e:
-        raise BytelmError(f"bytelm serve needs FastAPI and uvicorn ({e.name} is missing): "
+        raise BytelmError(f"bytelm serve needs FastAPI, uvicorn and prometheus-client ({e.name} is missing): "
                           "pip install \"bytelm[serve]\"") from None
     from bytelm.checkpoint import load_model
     from bytelm.device import pick_device

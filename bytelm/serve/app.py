@@ -7,6 +7,7 @@ colours every byte by how expected it was. `bytelm serve MODEL` (bytelm/cli/serv
 Routes (docs/serving.md has a curl example of each):
     GET  /                 the page (bytelm/serve/web/index.html; no key needed, it asks for one)
     GET  /health           {"status": "ok"} once the model is loaded, 503 before (no key needed)
+    GET  /metrics          counters in Prometheus' text format (bytelm/serve/metrics.py; behind the key)
     GET  /v1/models        the loaded model: config, parameter count, context
     POST /v1/completions   OpenAI-style completion; stream=true sends server-sent events ending in [DONE]
     POST /v1/score         per-byte surprisal, entropy, rank and top alternatives; bits per byte; patches
@@ -45,6 +46,7 @@ from bytelm.serve.api import (ApiError, CompletionBody, ScoreBody, check_score_s
                               generation_request, logprobs_json, parse_body, score_answer, text_bytes, usage_json)
 from bytelm.serve.engine import Engine, EngineBusy, Failed, Finished, Generation, Piece
 from bytelm.serve.guard import HostCheck, SiteGuard, page_policy
+from bytelm.serve.metrics import Metrics, RequestCounter
 from bytelm.serve.scoring import ClientGone, Scorer, ScoreBusy
 from bytelm.settings import option
 from bytelm.errors import BytelmError
@@ -101,6 +103,8 @@ class _State:
         self.engine: Engine | None = None
         self.load_error: str | None = None
         self.scorer: Scorer | None = None
+        self.metrics = Metrics(lambda: self.engine.stats() if self.engine else None,
+                               lambda: self.scorer.in_flight if self.scorer else 0)
 
     def ready(self) -> Engine:
         if self.engine is None:
@@ -161,6 +165,7 @@ def create_app(model: str | os.PathLike | torch.nn.Module | Callable[[], torch.n
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "HEAD", "POST"],
                            allow_headers=["Authorization", "Content-Type"], max_age=600)
     app.add_middleware(SiteGuard, hosts=HostCheck(settings.host, _names(settings.allow_host)), origins=origins)
+    app.add_middleware(RequestCounter, metrics=state.metrics)  # outermost: refusals are counted too
     _add_routes(app, state)
     return app
 
@@ -192,13 +197,15 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 class _ApiKeyMiddleware:
-    """With a key set, every /v1/ route needs `Authorization: Bearer KEY` (compared in constant time)."""
+    """With a key set, every /v1/ route and /metrics need `Authorization: Bearer KEY` (compared in constant
+    time)."""
 
     def __init__(self, app, key: str):
         self.app, self.key = app, key.encode()
 
     async def __call__(self, scope, receive, send):
-        if self.key and scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        if self.key and scope["type"] == "http" and (scope["path"].startswith("/v1/")
+                                                     or scope["path"] == "/metrics"):
             auth = dict(scope["headers"]).get(b"authorization", b"")
             scheme, _, token = auth.partition(b" ")
             if scheme.lower() != b"bearer" or not secrets.compare_digest(token.strip(), self.key):
@@ -255,7 +262,7 @@ def _final_fields(event: Finished) -> dict:
     return {"usage": usage_json(event.stats), "timings": _timings(event.stats), "seed": event.stats["seed"]}
 
 
-async def _stream(handle: Generation, meta: dict, with_logprobs: bool):
+async def _stream(handle: Generation, meta: dict, with_logprobs: bool, metrics: Metrics):
     """Server-sent events: completion chunks of whole characters, a last chunk with finish_reason, usage and
     timings, then `data: [DONE]`. Pieces that queued up while the client was being served go out as one chunk,
     so a busy server writes fewer, larger events instead of falling further behind. When the client goes
@@ -266,6 +273,7 @@ async def _stream(handle: Generation, meta: dict, with_logprobs: bool):
             pieces = [e for e in events if isinstance(e, Piece)]
             if pieces:
                 piece = Piece.join(pieces)
+                metrics.generated.inc(piece.n_bytes)
                 choice = {"index": 0, "text": piece.text, "finish_reason": None,
                           "logprobs": logprobs_json(piece.infos) if with_logprobs else None}
                 yield _sse_event({**meta, "choices": [choice]})
@@ -283,7 +291,7 @@ async def _stream(handle: Generation, meta: dict, with_logprobs: bool):
         handle.cancel()
 
 
-async def _collect(handle: Generation, meta: dict, request: Request, with_logprobs: bool):
+async def _collect(handle: Generation, meta: dict, request: Request, with_logprobs: bool, metrics: Metrics):
     """The whole completion as one JSON answer; checks for a vanished client while it waits."""
     text, infos = [], []
     next_check = time.monotonic() + _DISCONNECT_CHECK_S
@@ -300,6 +308,7 @@ async def _collect(handle: Generation, meta: dict, request: Request, with_logpro
             if event is None:
                 continue
             if isinstance(event, Piece):
+                metrics.generated.inc(event.n_bytes)
                 text.append(event.text)
                 infos.extend(event.infos)
             elif isinstance(event, Failed):
@@ -328,6 +337,11 @@ def _add_routes(app: FastAPI, state: _State) -> None:
                                 status_code=503, headers={"Retry-After": "1"})
         return {"status": "ok", **state.engine.stats()}
 
+    @app.api_route("/metrics", methods=["GET", "HEAD"])
+    async def metrics():
+        body, content_type = state.metrics.exposition()
+        return Response(body, media_type=content_type)
+
     @app.api_route("/v1/models", methods=["GET", "HEAD"])
     async def models():
         state.ready()
@@ -348,10 +362,10 @@ def _add_routes(app: FastAPI, state: _State) -> None:
         meta = {"id": "cmpl-" + uuid.uuid4().hex[:24], "object": "text_completion", "created": int(time.time()),
                 "model": state.name}
         if body.stream:
-            return StreamingResponse(_stream(handle, meta, body.logprobs is not None),
+            return StreamingResponse(_stream(handle, meta, body.logprobs is not None, state.metrics),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await _collect(handle, meta, request, body.logprobs is not None)
+        return await _collect(handle, meta, request, body.logprobs is not None, state.metrics)
 
     @app.post("/v1/score")
     async def score(request: Request):
@@ -365,6 +379,7 @@ def _add_routes(app: FastAPI, state: _State) -> None:
             t0 = time.perf_counter()
             scores = state.scorer.score(data, body.top_k, gone)
             timings = {"ms": round((time.perf_counter() - t0) * 1000, 3)}
+            state.metrics.scored.inc(len(data))
             return score_answer(scores, data, body, {"model": state.name}, {"timings": timings})
 
         try:
