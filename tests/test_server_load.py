@@ -3,6 +3,7 @@ leaves, its queue admits exactly --max-queue, one answer is bounded, /health ans
 flood, and connections that never send their headers are closed. Loopback only; every wait is bounded.
 """
 import asyncio
+import json
 import socket
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
@@ -36,6 +38,16 @@ class GatedModel(SlowModel):
     def forward(self, idx, cache=None, last_only=False):
         assert self.gate.wait(20)
         return super().forward(idx, cache=cache, last_only=last_only)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """As `bytelm serve` runs (--threads 1): two threads of tiny matrix products on a busy 2-core machine
+    wait milliseconds for each other at every product."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def scorer_of(app):
@@ -159,6 +171,75 @@ def test_connections_that_never_finish_their_headers_are_closed():
         assert httpx.get(url + "/health").status_code == 200  # the server itself is fine
 
 
+def raw_request(body: dict) -> bytes:
+    data = json.dumps(body).encode()
+    return (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+
+
+def test_queued_requests_of_clients_that_left_are_dropped_at_once():
+    app = create_app(SlowModel(delay=0.01), ServeSettings(max_active=1, max_queue=4))
+    body = {"prompt": "a", "max_tokens": 4000, "stream": True, "stop_at_separator": False}
+    with live_server(app) as url, httpx.Client(base_url=url, timeout=10) as http:
+        with http.stream("POST", "/v1/completions", json=body) as running:
+            lines = running.iter_lines()  # kept: a dropped iterator closes the connection
+            next(lines)
+            queued = [socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) for _ in range(4)]
+            for s in queued:
+                s.sendall(raw_request({"prompt": "b", "max_tokens": 4000, "stream": True}))
+            wait_until(lambda: http.get("/health").json()["queued"] == 4, timeout=5)
+            assert http.post("/v1/completions", json={"prompt": "c"}).status_code == 503  # full
+            for s in queued:
+                s.close()
+            t0 = time.monotonic()
+            wait_until(lambda: http.get("/health").json()["queued"] == 0, timeout=2)
+            assert time.monotonic() - t0 < 1  # not when a slot frees, seconds later
+            assert http.get("/health").json()["active"] == 1
+            ok = {}  # a new request gets a queue place again (and waits in it)
+            threading.Thread(target=lambda: ok.update(r=http.post("/v1/completions", json={
+                "prompt": "d", "max_tokens": 2}))).start()
+            wait_until(lambda: http.get("/health").json()["queued"] == 1, timeout=5)
+        wait_until(lambda: "r" in ok, timeout=10)
+        assert ok["r"].status_code == 200
+
+
+def metric(http, name: str) -> float:
+    for line in http.get("/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def stalled_stream(port: int) -> socket.socket:
+    """A client that asks for a long stream with logprobs and never reads it (a small receive buffer)."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", port))
+    s.sendall(raw_request({"prompt": "a", "max_tokens": 1_000_000, "stream": True, "logprobs": 20,
+                           "stop_at_separator": False}))
+    return s
+
+
+def test_a_stream_nobody_reads_pauses_then_is_dropped():  # the issue's: RSS 259 -> 398 MB in 24 s
+    app = create_app(tiny_model(), ServeSettings(max_tokens=1_000_000, stall_timeout=3))
+    with live_server(app) as url, httpx.Client(base_url=url, timeout=10) as http:
+        s = stalled_stream(int(url.rsplit(":", 1)[1]))
+        try:
+            wait_until(lambda: http.get("/health").json()["paused"] == 1, timeout=10)
+            engine = app.state.bytelm.engine
+            before = metric(http, "bytelm_generated_bytes_total")
+            time.sleep(0.5)
+            assert http.get("/health").json()["paused"] == 1
+            assert metric(http, "bytelm_generated_bytes_total") == before  # paused: nothing more generated
+            assert before < 100_000  # what the socket buffers held, not a runaway queue
+            wait_until(lambda: http.get("/health").json()["active"] == 0, timeout=6)  # dropped after 3 s
+            assert engine.stats()["paused"] == 0
+        finally:
+            s.close()
+        r = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 5})
+        assert r.status_code == 200  # the server is fine
+
+
 # ---------------------------------------------------------------------------------------------------------
 # /health under load: `bytelm serve` in a subprocess, the load from another, the probe from this one, so no
 # two of them share a GIL.
@@ -213,12 +294,17 @@ def health_latencies(url: str, seconds: float) -> list[float]:
 
 
 @pytest.mark.slow
-def test_health_answers_within_100_ms_during_a_score_flood(served):
+def test_health_answers_within_100_ms_during_a_score_flood_and_a_stalled_stream(served):
+    port = int(served.rsplit(":", 1)[1])
+    stalled = stalled_stream(port)
     flood = subprocess.Popen([sys.executable, "-c", FLOOD, served, "6"], stdin=subprocess.DEVNULL)
     try:
-        time.sleep(1)  # every flooding client has a 64 KiB text in flight
+        time.sleep(1)  # every flooding client has a 64 KiB text in flight; the stream has filled its buffers
         latencies = health_latencies(served, 4)
+        stalled.close()  # its client goes: nothing piled up for it to be freed now
+        latencies += health_latencies(served, 1)
     finally:
+        stalled.close()
         flood.wait(60)
     print(f"health: {len(latencies)} probes, max {max(latencies) * 1000:.1f} ms")
     assert max(latencies) < 0.1, f"slowest /health {max(latencies) * 1000:.0f} ms of {len(latencies)}"

@@ -79,6 +79,9 @@ class ServeSettings:
                                          metavar="N")
     max_body_bytes: int = option(1 << 20, "largest request body in bytes (413 past it)", group="limits",
                                  metavar="BYTES")
+    stall_timeout: float = option(30.0, "seconds a stream may go unread before its generation is dropped "
+                                  "(it pauses as soon as 4 KiB of its bytes wait unread)", group="limits",
+                                  metavar="S")
     workers: int = option(1, "engine threads; each steps its own rows (the C step releases the GIL, so two "
                           "workers can use two free cores)", group="limits", metavar="N")
 
@@ -87,6 +90,8 @@ class ServeSettings:
                      "max_score_alternatives"):
             if getattr(self, name) < 1:
                 raise BytelmError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not self.stall_timeout > 0:
+            raise BytelmError(f"stall-timeout must be above 0, got {self.stall_timeout}")
         if self.max_queue < 0:
             raise BytelmError(f"max-queue must be at least 0, got {self.max_queue}")
         if not 0 <= self.port <= 65535:
@@ -141,7 +146,8 @@ def create_app(model: str | os.PathLike | torch.nn.Module | Callable[[], torch.n
             state.load_error = f"the model could not be loaded: {detail}"
             return
         engine = Engine(module, max_active=settings.max_active, max_queue=settings.max_queue,
-                        workers=settings.workers, decode_step=decode_step)
+                        workers=settings.workers, decode_step=decode_step, stall_timeout=settings.stall_timeout,
+                        on_cycle=state.metrics.step_time)
         await asyncio.to_thread(engine.start)
         state.model, state.scorer, state.engine = module, Scorer(module, settings.max_queue), engine
 
