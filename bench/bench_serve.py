@@ -1,4 +1,4 @@
-"""Serving throughput and latency: `bytelm serve` on loopback with 1, 4 and 8 concurrent streaming clients.
+"""Serving throughput and latency: `bytelm serve` on loopback with 1, 2, 4, 8 and 16 concurrent streaming clients.
 
     python bench/bench_serve.py                          # appends its table to docs/benchmarks.md
     python bench/bench_serve.py --no-write --clients 1 2 --requests-per-client 2 --new-bytes 64   # a quick check
@@ -11,8 +11,8 @@ Per request: time to the first streamed text and to [DONE]; per level: p50/p95 o
 subprocess on 127.0.0.1 (a free port) with --threads 1; the clients share the machine with it. Everything is
 bounded: a fixed number of requests, a timeout per request and a deadline for the whole run.
 
-Targets (the serving issue): with 8 clients, aggregate bytes/s at least 3x one client's, and no client's p95
-time to the end more than 4x its time alone.
+Targets (the serving issue): with 8 clients, aggregate bytes/s at least 3x one client's, and the p95 time to
+the end at most 3x a lone request's.
 """
 from __future__ import annotations
 
@@ -155,7 +155,7 @@ def percentile(values: list[float], q: float) -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="checkpoint (default: the default shape, untrained)")
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8], help="concurrency levels")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="concurrency levels")
     parser.add_argument("--requests-per-client", type=int, default=4, help="requests each client sends in turn")
     parser.add_argument("--new-bytes", type=int, default=256, help="bytes per completion")
     parser.add_argument("--workers", type=int, nargs="+", default=[1], help="server engine threads to compare")
@@ -186,7 +186,7 @@ def main(argv=None) -> int:
                                  percentile(total, 95) / solo["p95"], len(level["errors"])])
                     for e in sorted(set(level["errors"]))[:3]:
                         print(f"error ({clients} clients): {e}", file=sys.stderr)
-                    if clients == max(args.clients) and workers == args.workers[0]:
+                    if clients == (8 if 8 in args.clients else max(args.clients)) and workers == args.workers[0]:
                         summary = (f"{clients} clients: {rate:,.0f} B/s ({rate / solo['rate']:.1f}x one client)",
                                    f"1 client: {solo['rate']:,.0f} B/s")
     headers = ["workers", "clients", "requests", "first byte p50 (ms)", "p95", "to [DONE] p50 (ms)", "p95",
@@ -195,7 +195,7 @@ def main(argv=None) -> int:
     notes = (f"Streaming completions of {args.new_bytes} bytes after a 64-byte prompt, {args.requests_per_client} "
              "per client one after another; `bytelm serve` on 127.0.0.1 with --threads 1, its clients (httpx, "
              "asyncio) in the benchmark's process on the same machine. Targets: aggregate at 8 clients >= 3x "
-             "one client's; p95 / alone <= 4. Model: "
+             "one client's; p95 / alone <= 3. Model: "
              + (args.model or "the default shape (6 x 8 x 192, 2.7M parameters), untrained") + ".")
     report("Serving: concurrent streaming clients", table, notes, write=not args.no_write, summary=summary)
     return 1 if any(r[-1] for r in rows) else 0

@@ -396,6 +396,32 @@ def test_engine_rows_decode_as_bytelm_generate_while_interleaved(workers, monkey
         assert max(batch_sizes) == 3  # the rows were stepped together
 
 
+def test_engine_hands_bytes_over_in_batches(monkeypatch):
+    import bytelm.serve.engine as engine_module
+    monkeypatch.setattr(engine_module, "DELIVER_EVERY_S", 60.0)  # the first piece and the end only
+    model = tiny_model()
+
+    async def run():
+        engine = Engine(model)
+        engine.start()
+        handle = engine.submit(GenerationRequest(b"ab", InferenceConfig(max_new_bytes=300, seed=4,
+                                                                      stop_at_separator=False)),
+                               asyncio.get_running_loop())
+        batches = []
+        while True:
+            events = [await handle.next_event(timeout=20)] + handle.ready_events()
+            batches.append(events)
+            if not isinstance(events[-1], Piece):
+                break
+        engine.stop()
+        return batches
+
+    batches = asyncio.run(run())
+    assert len(batches) == 2  # the first byte at once (time to first byte), the other 299 with the end
+    text = "".join(e.text for events in batches for e in events if isinstance(e, Piece))
+    assert text == ByteLevelGenerator(model).generate(b"ab", max_new_bytes=300, seed=4, stop_at_separator=False)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # `bytelm serve` as a user runs it
 

@@ -43,6 +43,10 @@ from bytelm.infer.row import DecodeState, make_step, resolve_step
 from bytelm.infer.step import FastDecoder
 
 _PAUSED_POLL_S = 0.005  # how often an engine whose rows all wait for their clients looks again
+# Events go to the clients' event loops at most this often (a row's first piece, its end and errors at once):
+# handing over every byte woke the event loop, which shares the GIL with the engine, once per cycle for
+# every row, and made a JSON event and a socket write of each byte.
+DELIVER_EVERY_S = 0.02
 
 
 class EngineBusy(Exception):
@@ -286,6 +290,8 @@ class Engine:
                 step = make_step(self.model, self.decode_step)  # per worker: it keeps scratch buffers
             finally:
                 ready.set()
+            out: list[tuple[Generation, object]] = []  # events not yet handed to the clients
+            delivered_at = time.monotonic()
             while True:
                 with self._cond:
                     while not self._stopping and not rows and not self._pending:
@@ -296,7 +302,6 @@ class Engine:
                     while self._pending and self._active < self.max_active:
                         admitted.append(self._pending.popleft())
                         self._active += 1
-                out: list[tuple[Generation, object]] = []
                 for handle in admitted:
                     row = self._admit(handle, step, out)
                     if row is not None:
@@ -310,10 +315,14 @@ class Engine:
                     with self._cond:
                         self._active -= len(finished)
                         self._paused -= sum(r.handle.paused_at is not None for r in finished)
-                self._deliver(out)
+                now = time.monotonic()
+                if out and (not chosen or now - delivered_at >= DELIVER_EVERY_S or _urgent(out)):
+                    self._deliver(out)
+                    out, delivered_at = [], now
                 if not chosen and not finished and not admitted:  # every row waits for its client: don't spin
                     with self._cond:
                         self._cond.wait(_PAUSED_POLL_S)
+            self._deliver(out)
         self._fail_all(rows, "the server is shutting down")
 
     def _admit(self, handle: Generation, step, out: list) -> _Row | None:
@@ -352,8 +361,8 @@ class Engine:
         return True
 
     def _cycle(self, rows: list[_Row], out: list, now: float) -> tuple[list[_Row], int]:
-        """Every row chooses a byte and hands out what is ready; then the rows still going take a step.
-        Returns the rows that ended and the number that chose a byte (rows waiting for their clients do not)."""
+        """Every row chooses a byte and queues what is ready for its client; then the rows still going take a
+        step. Returns the rows that ended and the number that chose a byte (rows waiting for their clients do not)."""
         finished, stepping, chosen = [], [], 0
         for row in rows:
             try:
@@ -372,8 +381,6 @@ class Engine:
             except Exception as e:  # noqa: BLE001
                 finished.append(row)
                 out.append((row.handle, Failed(f"generation failed: {type(e).__name__}: {e}")))
-        self._deliver(out)  # the chosen bytes go out before the step computing the next ones
-        out.clear()
         if stepping and stepping[0].step_fn is not None and stepping[0].step_fn.native:
             try:  # one C step for every row, each weight read once (FastDecoder.step_rows)
                 logits = stepping[0].step_fn.step_rows([r.last for r in stepping], [r.cache for r in stepping])
@@ -430,6 +437,11 @@ class Engine:
                 out.append((self._pending.popleft(), Failed(message)))
             self._active -= len(rows)
         self._deliver(out)
+
+
+def _urgent(out: list) -> bool:
+    """Whether events must go now: a row's first piece (the client's time to first byte), an end or an error."""
+    return any(not isinstance(event, Piece) or handle.handed == event.n_bytes for handle, event in out)
 
 
 def _put_all(items: list) -> None:
