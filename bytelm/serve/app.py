@@ -57,7 +57,7 @@ class ServeSettings:
     host: str = option("127.0.0.1", "address to listen on (loopback only by default; 0.0.0.0 = every "
                        "interface, put it behind TLS and an API key)", group="server")
     port: int = option(8000, "TCP port (0 = any free port)", group="server")  # llama-server's is 8080
-    api_key: str = option("", "require `Authorization: Bearer KEY` on /v1/ routes (default: env "
+    api_key: str = option("", "require `Authorization: Bearer KEY` on /v1/ routes and /metrics (default: env "
                           "BYTELM_API_KEY, else none)", group="server", metavar="KEY")
     allow_host: str = option("", "more names the Host header may carry, comma-separated (default: loopback "
                              "names and addresses, and the --host address; * = any)", group="server",
@@ -74,9 +74,8 @@ class ServeSettings:
                                    group="limits", metavar="BYTES")
     max_tokens: int = option(4096, "largest max_tokens a request may ask for (400 past it)", group="limits",
                         metavar="N")
-    max_score_alternatives: int = option(1 << 19, "largest text bytes x top_k of one /v1/score answer "
-                                         "(413 past it; the default is 64 KiB x 8)", group="limits",
-                                         metavar="N")
+    max_score_alternatives: int = option(1 << 19, "largest text bytes x top_k of one /v1/score answer, "
+                                         "64 KiB x 8 by default (413 past it)", group="limits", metavar="N")
     max_body_bytes: int = option(1 << 20, "largest request body in bytes (413 past it)", group="limits",
                                  metavar="BYTES")
     stall_timeout: float = option(30.0, "seconds a stream may go unread before its generation is dropped "
