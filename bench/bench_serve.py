@@ -189,6 +189,12 @@ def main(argv=None) -> int:
                     if clients == (8 if 8 in args.clients else max(args.clients)) and workers == args.workers[0]:
                         summary = (f"{clients} clients: {rate:,.0f} B/s ({rate / solo['rate']:.1f}x one client)",
                                    f"1 client: {solo['rate']:,.0f} B/s")
+    verdict = ""
+    eight = next((r for r in rows if r[0] == args.workers[0] and r[1] == 8), None)
+    if eight is not None:
+        verdict = (f" At 8 clients ({args.workers[0]} worker): {eight[8]:.2f}x one client's bytes/s (target 3x: "
+                   f"{'met' if eight[8] >= 3 else 'missed'}), p95 {eight[9]:.1f}x a lone request's (target 3x: "
+                   f"{'met' if eight[9] <= 3 else 'missed'}); dev/LOG.md says where the time goes.")
     headers = ["workers", "clients", "requests", "first byte p50 (ms)", "p95", "to [DONE] p50 (ms)", "p95",
                "aggregate bytes/s", "x one client", "p95 / alone", "errors"]
     table = markdown_table(headers, rows)
@@ -196,7 +202,7 @@ def main(argv=None) -> int:
              "per client one after another; `bytelm serve` on 127.0.0.1 with --threads 1, its clients (httpx, "
              "asyncio) in the benchmark's process on the same machine. Targets: aggregate at 8 clients >= 3x "
              "one client's; p95 / alone <= 3. Model: "
-             + (args.model or "the default shape (6 x 8 x 192, 2.7M parameters), untrained") + ".")
+             + (args.model or "the default shape (6 x 8 x 192, 2.7M parameters), untrained") + "." + verdict)
     report("Serving: concurrent streaming clients", table, notes, write=not args.no_write, summary=summary)
     return 1 if any(r[-1] for r in rows) else 0
 
