@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import secrets
 import threading
 import time
 import uuid
@@ -45,7 +44,7 @@ from starlette.middleware.cors import CORSMiddleware
 from bytelm.serve.api import (ApiError, CompletionBody, ScoreBody, check_score_size, error_response,
                               generation_request, logprobs_json, parse_body, score_answer, text_bytes, usage_json)
 from bytelm.serve.engine import Engine, EngineBusy, Failed, Finished, Generation, Piece
-from bytelm.serve.guard import HostCheck, SiteGuard, page_policy
+from bytelm.serve.guard import ApiKeyCheck, HostCheck, SiteGuard, page_policy
 from bytelm.serve.metrics import Metrics, RequestCounter
 from bytelm.serve.scoring import ClientGone, Scorer, ScoreBusy
 from bytelm.settings import option
@@ -163,7 +162,7 @@ def create_app(model: str | os.PathLike | torch.nn.Module | Callable[[], torch.n
     app = FastAPI(title="bytelm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.bytelm = state
     _install_error_handlers(app)
-    app.add_middleware(_ApiKeyMiddleware, key=settings.api_key)  # each added one wraps those before it
+    app.add_middleware(ApiKeyCheck, key=settings.api_key)  # each added one wraps those before it
     app.add_middleware(_BodyLimitMiddleware, limit=settings.max_body_bytes)
     origins = _names(settings.allow_origin)
     if origins:  # answers preflights (before the key is asked for) and labels the answers for the browser
@@ -199,25 +198,6 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def internal_error(request, exc: Exception):
         return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
-
-
-class _ApiKeyMiddleware:
-    """With a key set, every /v1/ route and /metrics need `Authorization: Bearer KEY` (compared in constant
-    time)."""
-
-    def __init__(self, app, key: str):
-        self.app, self.key = app, key.encode()
-
-    async def __call__(self, scope, receive, send):
-        if self.key and scope["type"] == "http" and (scope["path"].startswith("/v1/")
-                                                     or scope["path"] == "/metrics"):
-            auth = dict(scope["headers"]).get(b"authorization", b"")
-            scheme, _, token = auth.partition(b" ")
-            if scheme.lower() != b"bearer" or not secrets.compare_digest(token.strip(), self.key):
-                response = error_response(401, "missing or wrong API key: send `Authorization: Bearer KEY`",
-                                          headers={"WWW-Authenticate": "Bearer"})
-                return await response(scope, receive, send)
-        return await self.app(scope, receive, send)
 
 
 class _BodyLimitMiddleware:

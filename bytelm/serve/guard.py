@@ -1,7 +1,9 @@
-"""Who may use the server: the Host and Origin checks that keep other websites out, and the headers that keep
-the page from being framed, sniffed or extended. bytelm/serve/app.py installs SiteGuard outermost.
+"""Who may use the server: the Host and Origin checks that keep other websites out, the headers that keep
+the page from being framed, sniffed or extended, and the API key. bytelm/serve/app.py installs SiteGuard
+outermost.
 
     app.add_middleware(SiteGuard, hosts=HostCheck("127.0.0.1", ["mybox.lan"]), origins=["http://localhost:3000"])
+    app.add_middleware(ApiKeyCheck, key="secret")     # /v1/ routes and /metrics need `Authorization: Bearer`
 
 Why: any web page a user visits can send requests to http://127.0.0.1:8000. A POST whose body is text/plain
 or a form needs no CORS preflight, so it runs before the browser asks anything (app.py's routes refuse every
@@ -14,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import re
+import secrets
 from base64 import b64encode
 from urllib.parse import urlsplit
 
@@ -97,6 +100,25 @@ class SiteGuard:
         if refusal is not None:
             return await refusal(scope, receive, send_with_headers)
         return await self.app(scope, receive, send_with_headers)
+
+
+class ApiKeyCheck:
+    """With a key set, every /v1/ route and /metrics need `Authorization: Bearer KEY` (compared in constant
+    time)."""
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if self.key and scope["type"] == "http" and (scope["path"].startswith("/v1/")
+                                                     or scope["path"] == "/metrics"):
+            auth = dict(scope["headers"]).get(b"authorization", b"")
+            scheme, _, token = auth.partition(b" ")
+            if scheme.lower() != b"bearer" or not secrets.compare_digest(token.strip(), self.key):
+                response = error_response(401, "missing or wrong API key: send `Authorization: Bearer KEY`",
+                                          headers={"WWW-Authenticate": "Bearer"})
+                return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 _SAFETY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
