@@ -10,6 +10,7 @@ the whole window. Written to a temporary file beside `out` and renamed into plac
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import os
@@ -35,6 +36,7 @@ class _Logits(torch.nn.Module):
 
 
 def write_onnx(model: ByteLM, out: str | os.PathLike) -> None:
+    """Write `model`'s forward (an fp32 CPU copy of it; the model itself is left as it is) to `out`."""
     for needed in ("onnx", "onnxscript"):
         try:
             __import__(needed)
@@ -53,7 +55,7 @@ def write_onnx(model: ByteLM, out: str | os.PathLike) -> None:
         with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             onnx_log.setLevel(logging.ERROR)
-            torch.onnx.export(_Logits(model.cpu().float().eval()).eval(), (example,), tmp, dynamo=True,
+            torch.onnx.export(_Logits(copy.deepcopy(model).cpu().float()).eval(), (example,), tmp, dynamo=True,
                               dynamic_shapes=(dims,), input_names=["input_ids"], output_names=["logits"],
                               external_data=False, verbose=False)
         os.replace(tmp, out)
