@@ -5,12 +5,12 @@
     coded = cm.encode(block, rows, model=None)           # bytes, or None when coding would not beat storing
     block = cm.decode(coded, length, rows, model=None)   # the same calls in the same order give the same bytes
 
-`model` is None (pure context mixing) or a callable step(prev (R,) uint8) -> counts (R, 256) uint32, each row
-summing to a power of two: the byte model's integer distribution for every row's next byte (bytelm/codec/steps.py).
+`model` is None (pure context mixing) or a callable step(prev (R,) uint8) -> counts (R, 256) uint32: the byte
+model's integer frequencies of every row's next byte (DeterministicStep.next, bytelm/codec/model_step.py).
 A block is coded as R contiguous runs side by side; the model is stepped once per byte position for all rows.
 
-The C code is integer arithmetic only, so it is built without -march=native: any build on any machine gives
-the same bits. Building needs a C compiler; without one, compress and decompress refuse in one line.
+The C code is integer arithmetic only: any build (any flags, compiler or CPU) gives the same bits, so it is
+built without -march=native. Building needs a C compiler; without one, compress and decompress refuse in one line.
 """
 from __future__ import annotations
 
