@@ -66,12 +66,33 @@ def test_round_trip(model, data, with_model):
     assert decompress_bytes(m, blob) == data
 
 
-def test_round_trip_of_several_blocks_and_rows_with_stored_blocks_between(model):
-    data = (TEXT * 3)[:SMALL_BLOCK] + random_bytes(SMALL_BLOCK, seed=1) + TEXT * 2 + b"tail"
-    blob = compress_bytes(model, data, block_size=SMALL_BLOCK, stride=48)
+@pytest.fixture
+def english_model(shakespeare_path) -> ByteLM:
+    """The tiny model trained for a few seconds on English: it helps on English the context models have
+    not seen yet."""
+    torch.manual_seed(0)
+    model = ByteLM(ModelConfig(**MODEL_PRESETS["tiny"]))
+    text = torch.from_numpy(np.frombuffer(shakespeare_path.read_bytes()[:200_000], np.uint8).astype(np.int64))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        starts = torch.randint(0, len(text) - 65, (32,), generator=gen)
+        batch = text[starts[:, None] + torch.arange(65)]  # (B, T + 1)
+        _, loss = model(batch[:, :-1], batch[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def test_round_trip_of_several_blocks_and_rows_with_stored_blocks_between(english_model, shakespeare_path):
+    english = shakespeare_path.read_bytes()[-3 * SMALL_BLOCK:]
+    data = english[:SMALL_BLOCK] + random_bytes(SMALL_BLOCK, seed=1) + english[SMALL_BLOCK:] + b"tail"
+    blob = compress_bytes(english_model, data, block_size=SMALL_BLOCK, stride=48)
     kinds = [b.kind for b in blocks_of(blob)]
-    assert container.STORED in kinds and container.CODED in kinds and kinds[-1] == container.END
-    assert decompress_bytes(model, blob) == data
+    assert kinds[0] == container.CODED and container.STORED in kinds and kinds[-1] == container.END
+    assert len(blob) < len(compress_bytes(None, data, block_size=SMALL_BLOCK))  # the model helped
+    assert decompress_bytes(english_model, blob) == data
 
 
 def blocks_of(blob: bytes) -> list[container.Block]:
@@ -428,3 +449,19 @@ def test_three_builds_of_the_coder_give_identical_files():
                                                                                                      model_like)))
     assert outputs[0] == outputs[1] == outputs[2] and None not in outputs[0]
     assert ContextMixer(flags=["-O0", *COMMON_FLAGS]).decode(outputs[2][1], len(data), rows, model_like) == data
+
+
+def test_a_block_the_model_does_not_help_is_coded_by_the_context_models_alone(model):
+    """Random bytes repeated: the match model carries them and the model (confident and wrong, or untrained)
+    helps nothing, so the block is coded without it (kind 3), as small as context mixing alone, and decodes
+    without running the model."""
+    data = random_bytes(3000, seed=3) * 3
+    for m in (model, confident_and_wrong(model)):
+        blob = compress_bytes(m, data)
+        assert [b.kind for b in blocks_of(blob)] == [container.MIXED_ALONE, container.END]
+        assert decompress_bytes(m, blob) == data
+    blob = compress_bytes(model, data)
+    assert [b.kind for b in blocks_of(blob)] == [container.MIXED_ALONE, container.END]
+    alone = compress_bytes(None, data)
+    assert len(blob) - len(alone) <= 100  # the headers differ (the model's fingerprint), the blocks do not
+    assert decompress_bytes(model, blob) == data

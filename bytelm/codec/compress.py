@@ -17,7 +17,8 @@ run as `bytelm score` slides it (the model step, bytelm/codec/model_step.py: int
 byte, the same on any machine). The counts of all rows at one byte position go to the context-mixing coder
 (bytelm/codec/mixer.py, integer C), which mixes them with its context models and codes the bytes. A block that
 does not come out shorter than itself is stored, and the coder's tables are put back as they were before it,
-so the decoder skips it. The tables learn across blocks; the model's rows start afresh in each block.
+so the decoder skips it. Each block is also coded by the context models alone (one row, no model); where that
+is shorter (the model helps nothing out of its domain), it is kept, and the decoder skips the model too. The tables learn across blocks; the model's rows start afresh in each block.
 """
 from __future__ import annotations
 
@@ -88,16 +89,30 @@ class _Coder:
         return step.next
 
     def encode(self, raw: bytes) -> bytes:
-        """One block, packed: coded, or stored when coding would not pay."""
-        rows = rows_for(len(raw), self.header.rows)
-        coded = self.mixer.encode(raw, rows, self.step(rows))
-        if coded is None:
-            return container.pack_block(container.STORED, raw, raw)
-        return container.pack_block(container.CODED, raw, coded)
+        """One block, packed: coded with the model, or by the context models alone where that is shorter (the
+        model helps nothing out of its domain), or stored when neither pays."""
+        mixer, rows = self.mixer, rows_for(len(raw), self.header.rows)
+        if self.model is None:
+            coded = mixer.encode(raw, rows)
+            return container.pack_block(container.STORED if coded is None else container.CODED, raw,
+                                        raw if coded is None else coded)
+        before = mixer.snapshot()
+        with_model = mixer.encode(raw, rows, self.step(rows))
+        after = mixer.snapshot() if with_model is not None else None
+        mixer.restore(before)
+        alone = mixer.encode(raw, 1, cap=None if with_model is None else len(with_model))
+        if alone is not None:  # shorter than with the model: the tables stay as this coding left them
+            return container.pack_block(container.MIXED_ALONE, raw, alone)
+        if with_model is not None:
+            mixer.restore(after)
+            return container.pack_block(container.CODED, raw, with_model)
+        return container.pack_block(container.STORED, raw, raw)  # the tables are as before the block
 
     def decode(self, block: container.Block) -> bytes:
         if block.kind == container.STORED:
             return block.payload
+        if block.kind == container.MIXED_ALONE:
+            return self.mixer.decode(block.payload, block.raw_len, 1)
         rows = rows_for(block.raw_len, self.header.rows)
         return self.mixer.decode(block.payload, block.raw_len, rows, self.step(rows))
 

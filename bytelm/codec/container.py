@@ -14,7 +14,7 @@ Layout (integers little-endian):
     14      H     header JSON, UTF-8 (Header's fields)
     14+H    4     CRC-32 of bytes [0, 14+H)
     then blocks, each:
-    0       1     kind: 0 stored, 1 coded, 2 the end
+    0       1     kind: 0 stored, 1 coded, 2 the end, 3 coded without the model (context mixing alone)
     1       4     raw length: bytes of the original in this block (at most the header's block_size)
     5       4     payload length
     9       4     CRC-32 of the block's original bytes (checked after decoding, before they are written)
@@ -39,7 +39,7 @@ from bytelm.errors import BytelmError
 MAGIC = b"\x89BLZ\r\n\x1a\n"
 FORMAT_VERSION = 2
 SUFFIX = ".blz"
-STORED, CODED, END = 0, 1, 2
+STORED, CODED, END, MIXED_ALONE = 0, 1, 2, 3  # MIXED_ALONE: coded by the context models without the model
 _PREFIX = struct.Struct("<8sHI")  # magic, version, header length
 _CRC = struct.Struct("<I")
 _BLOCK = struct.Struct("<BIII")  # kind, raw length, payload length, raw CRC
@@ -158,7 +158,7 @@ def read_block(read: Read, header: Header, max_ratio: int) -> Block:
     elif kind == STORED:
         if raw_len != size or not 0 < raw_len <= header.block_size:
             _fail(f"damaged: a stored block of {raw_len:,} bytes in a file of {header.block_size:,}-byte blocks")
-    elif kind == CODED:
+    elif kind in (CODED, MIXED_ALONE):
         if not 0 < raw_len <= header.block_size:
             _fail(f"damaged: a block of {raw_len:,} bytes in a file of {header.block_size:,}-byte blocks")
         if not 4 <= size < raw_len or raw_len > max_ratio * (size + 4):

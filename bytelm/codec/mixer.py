@@ -3,14 +3,15 @@
     cm = ContextMixer()                                  # fresh tables; they keep learning block after block
     ContextMixer(flags=["-O0", *COMMON_FLAGS])            # another build: the same bits (tests compare three)
     coded = cm.encode(block, rows, model=None)           # bytes, or None when coding would not beat storing
+    saved = cm.snapshot(); cm.restore(saved)             # the tables, copied out and back (40 MiB)
     block = cm.decode(coded, length, rows, model=None)   # the same calls in the same order give the same bytes
 
-`model` is None (pure context mixing) or a callable step(prev (R,) uint8) -> counts (R, 256) uint32, each row
-summing to a power of two: the byte model's integer distribution for every row's next byte (bytelm/codec/steps.py).
+`model` is None (pure context mixing) or a callable step(prev (R,) uint8) -> counts (R, 256) uint32: the byte
+model's integer frequencies of every row's next byte (DeterministicStep.next, bytelm/codec/model_step.py).
 A block is coded as R contiguous runs side by side; the model is stepped once per byte position for all rows.
 
-The C code is integer arithmetic only, so it is built without -march=native: any build on any machine gives
-the same bits. Building needs a C compiler; without one, compress and decompress refuse in one line.
+The C code is integer arithmetic only: any build (any flags, compiler or CPU) gives the same bits, so it is
+built without -march=native. Building needs a C compiler; without one, compress and decompress refuse in one line.
 """
 from __future__ import annotations
 
@@ -109,19 +110,27 @@ class ContextMixer:
             prev = np.where(at < len(block), block[np.minimum(at, len(block) - 1)], 0).astype(np.uint8)
         return True
 
-    def encode(self, block: bytes, rows: int, model: Model | None = None) -> bytes | None:
-        """The coded block, or None if it would not be shorter than the block itself: then the tables are put
-        back as they were, as the decoder will find them after a stored block."""
-        data = np.frombuffer(block, np.uint8).copy()
+    def snapshot(self) -> np.ndarray:
+        """A copy of the tables (cm_tables_size() bytes), for restore()."""
         saved = np.empty(self.lib.cm_tables_size(), np.uint8)
         self.lib.cm_copy_tables(self.ptr, saved.ctypes.data, 0)
-        cap = max(0, len(data) - 1)
+        return saved
+
+    def restore(self, saved: np.ndarray) -> None:
+        self.lib.cm_copy_tables(self.ptr, saved.ctypes.data, 1)
+
+    def encode(self, block: bytes, rows: int, model: Model | None = None, cap: int | None = None) -> bytes | None:
+        """The coded block, or None if it would not be shorter than the block itself (or than `cap` bytes):
+        then the tables are put back as they were, as the decoder will find them after a stored block."""
+        data = np.frombuffer(block, np.uint8).copy()
+        saved = self.snapshot()
+        cap = max(0, len(data) - 1) if cap is None else min(cap, max(0, len(data) - 1))
         out = np.empty(cap + 4, np.uint8)
         if self._run(data, rows, out, cap, "encode", model):
             n = self.lib.cm_finish(self.ptr)
             if 0 <= n <= cap:
                 return out[:n].tobytes()
-        self.lib.cm_copy_tables(self.ptr, saved.ctypes.data, 1)
+        self.restore(saved)
         return None
 
     def decode(self, coded: bytes, length: int, rows: int, model: Model | None = None) -> bytes:

@@ -43,7 +43,7 @@ typedef struct {
 } Row;
 
 typedef struct {
-    int32_t mixer_w[2][256][N_INPUTS];  /* weights 16.16; set [c0], set [expected bit x match length x model] */
+    int32_t mixer_w[3][256][N_INPUTS];  /* weights 16.16; set [c0], set [expected bit x match length x model] */
     uint32_t order0[256 * 256];       /* c0 x previous byte: direct order-1/0 counters */
     uint32_t match_sm[64 * 2];        /* match length bucket x expected bit */
     uint16_t apm0[256][33];           /* refine the model's probability by c0 */
@@ -243,14 +243,18 @@ static int code_byte(CM *m, int row, int byte, const uint32_t *counts, int mode)
         x[k++] = 256;
         /* two mixers, weights chosen by the bits so far and by (match state, model confidence) */
         int32_t *w0 = T->mixer_w[0][c0], *w1 = T->mixer_w[1][(ebit + 1) * 64 + mlen * 4 + (bucket >> 1)];
-        int64_t d0 = 0, d1 = 0;
-        for (int i = 0; i < N_INPUTS; i++) { d0 += (int64_t)x[i] * w0[i]; d1 += (int64_t)x[i] * w1[i]; }
-        int s0 = (int)(d0 >> 16), s1 = (int)(d1 >> 16);
+        int32_t *w2 = T->mixer_w[2][c1];
+        int64_t d0 = 0, d1 = 0, d2 = 0;
+        for (int i = 0; i < N_INPUTS; i++) {
+            d0 += (int64_t)x[i] * w0[i]; d1 += (int64_t)x[i] * w1[i]; d2 += (int64_t)x[i] * w2[i];
+        }
+        int s0 = (int)(d0 >> 16), s1 = (int)(d1 >> 16), s2 = (int)(d2 >> 16);
         s0 = s0 < -2047 ? -2047 : s0 > 2047 ? 2047 : s0;
         s1 = s1 < -2047 ? -2047 : s1 > 2047 ? 2047 : s1;
-        int p0 = squash(s0), p1 = squash(s1), pmix = squash((s0 + s1) >> 1);
+        s2 = s2 < -2047 ? -2047 : s2 > 2047 ? 2047 : s2;
+        int p0 = squash(s0), p1 = squash(s1), p2 = squash(s2), pmix = squash((s0 + s1 + s2) / 3);
         int i1, i2, a1 = apm_p(T->apm1[c0], pmix, &i1), a2 = apm_p(T->apm2[c0 | c1 << 8], pmix, &i2);
-        int p = (2 * pmix + a1 + a2 + 2) >> 2;
+        int p = (pmix + a1 + 2 * a2 + 2) >> 2;
         p = p < 1 ? 1 : p > 4095 ? 4095 : p;
         int y = (byte >> bit) & 1;
         if (mode != 2) y = code_bit(&m->coder, y, p, mode == 1);
@@ -264,8 +268,10 @@ static int code_byte(CM *m, int row, int byte, const uint32_t *counts, int mode)
         apm_update(T->apm0[c0], ia, y);
         apm_update(T->apm1[c0], i1, y);
         apm_update(T->apm2[c0 | c1 << 8], i2, y);
-        int e0 = (y << 12) - p0, e1 = (y << 12) - p1;  /* learning rate: error / 2048 */
-        for (int i = 0; i < N_INPUTS; i++) { w0[i] += (x[i] * e0) >> 11; w1[i] += (x[i] * e1) >> 11; }
+        int e0 = (y << 12) - p0, e1 = (y << 12) - p1, e2 = (y << 12) - p2;  /* learning rate: error / 2048 */
+        for (int i = 0; i < N_INPUTS; i++) {
+            w0[i] += (x[i] * e0) >> 11; w1[i] += (x[i] * e1) >> 11; w2[i] += (x[i] * e2) >> 11;
+        }
         c0 = c0 << 1 | y;
         if (y) lo = mid; else hi = mid;
     }
@@ -298,7 +304,7 @@ CM *cm_new(int limit) {
     init_apm(&T->apm0[0][0], 256);
     init_apm(&T->apm1[0][0], 256);
     init_apm(&T->apm2[0][0], 1 << 16);
-    for (int s = 0; s < 2; s++)
+    for (int s = 0; s < 3; s++)
         for (int c = 0; c < 256; c++)
             for (int i = 0; i < N_INPUTS; i++) T->mixer_w[s][c][i] = (1 << 16) / 6;
     return m;
