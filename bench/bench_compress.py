@@ -38,7 +38,7 @@ from bytelm.checkpoint import load_model  # noqa: E402
 from bytelm.codec.compress import compress_bytes, decompress_bytes, read_header  # noqa: E402
 from bytelm.codec.score import score_bytes  # noqa: E402
 from bytelm.data.corpus import load_corpus  # noqa: E402
-from bytelm.train.distributed import auto_threads  # noqa: E402
+from bytelm.device import thread_choice  # noqa: E402
 
 TOOLS = [  # name, Debian package, compress, decompress (stdin -> stdout; zpaq works on files, see run_zpaq)
     ("xz -9e", "xz-utils", ["xz", "-9e", "-c"], ["xz", "-d", "-c"]),
@@ -151,7 +151,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="threads (0: the cores other processes leave free)")
     ap.add_argument("--no-write", action="store_true", help="print the tables only")
     args = ap.parse_args()
-    threads = args.threads or auto_threads()
+    threads = thread_choice(args.threads)[0]
     torch.set_num_threads(threads)
     limit = 8192 if args.quick else args.file_bytes
     held_out = bytes(load_corpus(str(SHAKESPEARE), val_fraction=0.1).val)

@@ -32,7 +32,7 @@ from common import SHAKESPEARE, markdown_table, report  # noqa: E402
 from bytelm.data.batches import SlidingBatches, eval_batches  # noqa: E402
 from bytelm.checkpoint import load_model  # noqa: E402
 from bytelm.data.corpus import load_corpus  # noqa: E402
-from bytelm.train.distributed import auto_threads  # noqa: E402
+from bytelm.device import thread_choice  # noqa: E402
 from bytelm.train.evaluate import evaluate  # noqa: E402
 from bytelm.train.metrics import bits_per_byte  # noqa: E402
 from bytelm.model import ByteLM  # noqa: E402
@@ -59,7 +59,7 @@ def final_eval_reserve(cfg: TrainConfig, val, n_batches: int) -> float:
     """Seconds to keep for scoring the best checkpoint on `n_batches` validation batches of cfg's shape: a fresh
     model of that shape is timed on TIMED_BATCHES of them, one at a time (after one to warm up), at the run's
     thread count, and the median taken. Costs about 0.2 s at 4x4x160, counted in the budget by the caller."""
-    torch.set_num_threads(cfg.threads or auto_threads())  # as train() will
+    torch.set_num_threads(thread_choice(cfg.threads)[0])  # as train() will
     model = ByteLM(cfg.model_config())
     batches = eval_batches(val, cfg.batch_size, cfg.seq_len, max_batches=1 + TIMED_BATCHES)
     cpu = torch.device("cpu")

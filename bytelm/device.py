@@ -8,6 +8,12 @@ the default.
 The CPU's model name and feature flags are read here, once (cpu_model, cpu_flags), for every part that needs
 them: the dtype choice, the native library's cache key, `bytelm env` and the benchmarks.
 
+Threads: `set_threads(n)` sets torch's CPU threads for every command and returns (count, why): --threads N
+where given, else OMP_NUM_THREADS (torchrun sets it), else every core this process may run on, less the cores
+that other processes are keeping busy right now (`busy_cores`: a 0.2 s sample of /proc/stat). Not the load
+average: it is a lagging one-minute mean, about 1 for a minute after any command ends, so it made an idle
+2-core machine train on one thread (issue 33).
+
 Memory: `require_memory(parts, device)` is the one memory gate: every check (the model, its rotary tables, KV
 caches, the decode step's weights, a training step, data batches) asks it, before allocating, and it refuses
 in one line, naming what asks for it and in binary units (bytelm.memory.format_bytes), an allocation that a
@@ -21,6 +27,7 @@ import functools
 import os
 import platform
 import re
+import time
 
 import torch
 
@@ -118,6 +125,79 @@ def autocast(device: torch.device, dtype: str):
     if dtype not in ("bf16", "fp32"):
         raise BytelmError(f"unknown dtype {dtype!r}: use bf16 or fp32")
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+
+# torch's own default (one thread per physical core), read before any command changes it: on a CPU with SMT
+# the affinity mask counts both hardware threads of a core, and a second OpenMP thread per core only waits.
+_TORCH_DEFAULT_THREADS = torch.get_num_threads()
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its affinity mask (taskset, a container's cpuset), at most one per
+    physical core."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, _TORCH_DEFAULT_THREADS))
+
+
+def _cpu_times() -> tuple[int, int, int] | None:
+    """(busy jiffies, all jiffies, CPUs) of the whole machine from /proc/stat, or None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    fields = [int(v) for v in lines[0].split()[1:]]  # user nice system idle iowait irq softirq steal ...
+    cpus = sum(1 for line in lines if line.startswith("cpu") and line[3:4].isdigit())
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return sum(fields[:8]) - idle, sum(fields[:8]), cpus
+
+
+def busy_cores(seconds: float = 0.2) -> float | None:
+    """Cores that other processes kept busy over the next `seconds` (this process sleeps meanwhile), measured
+    from /proc/stat; None where it cannot be read. Steal time counts as busy: the hypervisor gave it away."""
+    before = _cpu_times()
+    time.sleep(seconds)
+    after = _cpu_times()
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1]) * after[2]
+
+
+def thread_choice(requested: int = 0) -> tuple[int, str]:
+    """(threads, why) for torch on the CPU: `requested` (--threads) if not 0, else OMP_NUM_THREADS where set,
+    else every usable core less those other processes keep busy now.
+
+    Why leave busy cores out: OpenMP threads wait for each other at every parallel region, so one thread that
+    shares its core with another busy process stalls them all (on the 2-core EPYC with one other job running,
+    the default model's step took 2-14 s on 2 threads and a steady 0.95 s on 1; dev/LOG.md)."""
+    if requested:
+        return requested, "--threads"
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads(), f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"
+    cores = usable_cores()
+    every = "every core this process may run on; --threads N sets another count"
+    busy = busy_cores() if cores > 1 else None
+    if busy is None or busy < 0.5:
+        return cores, every
+    free = max(1, cores - int(busy + 0.5))
+    if free == cores:
+        return cores, every
+    return free, (f"other processes kept {busy:.1f} of the {cores} cores busy just now, and a thread on a busy "
+                  "core stalls the others; --threads N sets another count")
+
+
+def set_threads(n: int, zero_is_automatic: bool = False) -> tuple[int, str]:
+    """Set torch's CPU threads from a command line's --threads and return (count, why): 1 to this machine's
+    CPUs (a huge count crashed torch's thread pool), or 0 for thread_choice()'s automatic count where the
+    command allows it."""
+    cpus = os.cpu_count() or 1
+    low = 0 if zero_is_automatic else 1
+    if not (isinstance(n, int) and low <= n <= cpus):
+        auto = "; 0 picks the free cores" if zero_is_automatic else ""
+        raise BytelmError(f"--threads must be between {low} and {cpus} (this machine's CPUs{auto}), got {n}")
+    n, why = thread_choice(n)
+    torch.set_num_threads(n)
+    return n, why
 
 
 def _parse_size(text: str) -> int:

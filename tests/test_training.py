@@ -25,7 +25,6 @@ from bytelm.errors import BytelmError
 from bytelm.train.metrics import bits_per_byte, read_metrics
 from bytelm.model import ByteLM
 from bytelm.cli.train import build_parser, config_from_args, main
-from bytelm.train.distributed import auto_threads
 from bytelm.train.evaluate import evaluate
 from bytelm.train.run_files import RunPaths
 from bytelm.train.config import COMPILE_MIN_STEPS
@@ -435,20 +434,6 @@ def test_plan_steps_fits_steps_and_evaluations_into_the_budget():
     assert planned == 20 + int((87 - 0.5) / (0.1 + 0.5 / 100))
     assert schedule.plan_steps(cfg, 20, 10.0, 0.001) == 1000  # never more than --steps
     assert schedule.plan_steps(cfg, 20, 99.0, 1.0) == 35  # never so few that the decay began in the past
-
-
-def test_auto_threads_leaves_the_cores_other_processes_keep_busy(monkeypatch):
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    monkeypatch.setattr(os, "getloadavg", lambda: (1.3, 1.0, 1.0))
-    assert auto_threads() == 1
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.0, 0.0))
-    assert auto_threads() == 2
-    monkeypatch.setattr(os, "getloadavg", lambda: (5.0, 5.0, 5.0))
-    assert auto_threads() == 1
-    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # torchrun, or the user, decided
-    assert auto_threads() == 2
 
 
 def test_compiled_training_follows_the_eager_reference(tmp_path, corpus_file):

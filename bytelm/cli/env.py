@@ -46,7 +46,7 @@ def collect() -> dict:
 
     import bytelm
     from bytelm.infer import native
-    from bytelm.device import cpu_flags, cpu_model, dtype_choice, pick_device
+    from bytelm.device import cpu_flags, cpu_model, dtype_choice, pick_device, thread_choice
     from bytelm.files import cache_root
 
     device = pick_device(None)
@@ -56,6 +56,7 @@ def collect() -> dict:
     library["compiler_version"] = _compiler_version(library["compiler"])
     library["fp16_weights"] = bool(lib.bytelm_half_supported()) if lib is not None else None
     flags = cpu_flags()
+    threads, threads_reason = thread_choice()
     return {
         "bytelm": bytelm.__version__,
         "bytelm_path": str(Path(bytelm.__file__).resolve().parent),
@@ -71,7 +72,8 @@ def collect() -> dict:
         "device": str(device),
         "dtype": dtype,
         "dtype_reason": dtype_reason,
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": threads,
+        "threads_reason": threads_reason,
         "cores": os.cpu_count(),
         "cpu": cpu_model(),
         "cpu_flags": {name: name in flags for name in RELEVANT_CPU_FLAGS["x86" if "sse2" in flags else "arm"]}
@@ -109,7 +111,8 @@ def render(info: dict) -> str:
         ("numpy", info["numpy"]),
         ("device", device),
         ("dtype", f"{info['dtype']} for training: {info['dtype_reason']}"),
-        ("threads", f"{info['torch_threads']} torch threads, {info['cores']} cores"),
+        ("threads", f"{info['torch_threads']} for train, score and compress now ({info['threads_reason']}); "
+                    f"{info['cores']} cores"),
         ("cpu", cpu),
         ("C library", _native_line(info["native"])),
         ("cache", info["cache"]),

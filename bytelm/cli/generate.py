@@ -54,9 +54,9 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
 
 def open_generator(args: argparse.Namespace, config: InferenceConfig) -> ByteLevelGenerator:
     """The generator the CLI flags ask for, with torch's CPU threads set from --threads."""
-    from bytelm.train.distributed import set_threads
+    from bytelm.device import set_threads
 
-    set_threads(args.threads)
+    set_threads(args.threads)  # one-byte steps: 1 unless --threads says otherwise (see the flag's help)
     return ByteLevelGenerator(args.model, config, device=args.device, decode_step="exact" if args.exact else "auto")
 
 
@@ -122,9 +122,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "bytelm generate") -> in
     if out.isatty():
         out.write("\n")
     if args.verbose:
+        import torch
         s = gen.last_stats
         print(f"{s['new_bytes']} bytes in {s['seconds']:.2f} s ({s['bytes_per_s']:.0f} B/s) on {gen.device}; "
-              f"stopped by {s['stopped_by']}; seed {gen.last_seed}; decode step {s['step']}", file=sys.stderr)
+              f"stopped by {s['stopped_by']}; seed {gen.last_seed}; {torch.get_num_threads()} thread(s) (--threads); "
+              f"decode step {s['step']}", file=sys.stderr)
     return 0
 
 

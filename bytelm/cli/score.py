@@ -78,11 +78,11 @@ def add_thread_argument(parser: argparse.ArgumentParser) -> None:
                         "all of them on an idle machine)")
 
 
-def set_threads(n: int) -> None:
-    """--threads: n, or for 0 the cores other processes leave free (bytelm.train.distributed.auto_threads: a thread
+def set_threads(n: int) -> tuple[int, str]:
+    """--threads: n, or for 0 the cores other processes leave free (bytelm.device.thread_choice: a thread
     sharing a busy core stalls every other thread at each parallel region)."""
-    from bytelm.train.distributed import set_threads as set_torch_threads
-    set_torch_threads(n, zero_is_automatic=True)
+    from bytelm.device import set_threads as set_torch_threads
+    return set_torch_threads(n, zero_is_automatic=True)
 
 
 class Tally:

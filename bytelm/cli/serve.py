@@ -58,15 +58,16 @@ def main(argv: Sequence[str] | None = None, prog: str = "bytelm serve") -> int:
     if not settings.api_key:
         settings.api_key = os.environ.get(API_KEY_ENV, "")
     settings.validate()
-    from bytelm.train.distributed import set_threads
-    set_threads(args.threads)
+    from bytelm.device import set_threads
+    threads, _ = set_threads(args.threads)
     model, _ = load_model(args.model, pick_device(args.device))  # a bad checkpoint stops here, in one line
     app = create_app(model, settings, name=os.path.splitext(os.path.basename(args.model))[0],
                      decode_step="exact" if args.exact else "auto")
     if not _is_loopback(settings.host) and not settings.api_key:
         print(f"warning: listening on {settings.host} without an API key: anyone who can reach this port can "
               f"use the model (set --api-key or {API_KEY_ENV})", file=sys.stderr)
-    print(f"bytelm serve: {args.model} ({model.num_params():,} parameters) at "
+    print(f"bytelm serve: {args.model} ({model.num_params():,} parameters, "
+          f"{threads} thread{'s' if threads > 1 else ''} (--threads)) at "
           f"http://{settings.host}:{settings.port}/ ; Ctrl-C stops", file=sys.stderr, flush=True)
     config = server_config(app, settings.host, settings.port, log_level="info", access_log=args.access_log,
                            timeout_graceful_shutdown=2)

@@ -122,8 +122,8 @@ class TrainConfig:
     device: str = option("auto", "cpu, cuda, cuda:N or auto (CUDA if present)", group="device")  # fastest present
     dtype: str = option("auto", "autocast precision: fp32, bf16 or auto (the faster on this device)",
                         group="device", choices=("auto", "fp32", "bf16"))  # bf16 only where fast: bytelm.device
-    threads: int = option(0, "CPU threads for torch (0: the cores other processes leave free)",
-                          group="device")  # busy cores stall OpenMP: bytelm.train.distributed.auto_threads
+    threads: int = option(0, "CPU threads for torch (0: every core this process may run on, less those other "
+                          "processes keep busy now)", group="device")  # bytelm.device.thread_choice
     compile: str = option("auto", "torch.compile the training forward/backward: on, off, or auto (on for runs "
                           f"of at least {COMPILE_MIN_STEPS} steps in one process)", group="device",
                           choices=("auto", "on", "off"))  # faster per step after a ~20 s compile: docs/training.md

@@ -1,5 +1,5 @@
-"""The processes and cores a run trains on: torchrun's ranks (DDP), the collectives the loop needs and the CPU
-thread count. (How much memory a step may use is bytelm.device.require_memory's question.)
+"""The processes a run trains on: torchrun's ranks (DDP) and the collectives the loop needs. (The CPU thread
+count is bytelm.device.set_threads; how much memory a step may use is bytelm.device.require_memory's question.)
 
     d = setup_distributed("auto")     # Dist(rank, world_size, local_rank, device); one process without torchrun
     all_reduce_sum(t, d)              # in place across ranks; a no-op for one process
@@ -81,33 +81,3 @@ def all_reduce_max(t: torch.Tensor, d: Dist) -> torch.Tensor:
     return t
 
 
-def auto_threads() -> int:
-    """CPU threads for torch: the cores that other processes are not already keeping busy.
-
-    OpenMP threads wait for each other at every parallel region, so a thread sharing its core with another
-    busy process stalls all of them. On the 2-core test machine with one other job running, the default
-    model's step took 2-14 s with 2 threads and a steady 0.95 s with 1. OMP_NUM_THREADS (torchrun sets it)
-    is respected.
-    """
-    if os.environ.get("OMP_NUM_THREADS"):
-        return torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        busy = int(os.getloadavg()[0] + 0.5)
-    except (OSError, AttributeError):
-        busy = 0
-    return max(1, min(torch.get_num_threads(), cores - busy))
-
-
-
-def set_threads(n: int, zero_is_automatic: bool = False) -> int:
-    """Set torch's CPU threads from a command line's --threads and return the count: 1 to this machine's CPUs
-    (a huge count crashed torch's thread pool), or 0 for auto_threads() where the command allows it."""
-    cpus = os.cpu_count() or 1
-    low = 0 if zero_is_automatic else 1
-    if not (isinstance(n, int) and low <= n <= cpus):
-        auto = "; 0 picks the free cores" if zero_is_automatic else ""
-        raise BytelmError(f"--threads must be between {low} and {cpus} (this machine's CPUs{auto}), got {n}")
-    n = n or auto_threads()
-    torch.set_num_threads(n)
-    return n

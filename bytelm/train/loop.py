@@ -28,9 +28,8 @@ import torch
 from bytelm.data.batches import BatchSampler, EvalBatches, eval_batches
 from bytelm.checkpoint import load_model, remove_stale_temps, save_checkpoint
 from bytelm.data.corpus import load_corpus
-from bytelm.device import autocast, default_dtype
-from bytelm.train.distributed import (Dist, all_reduce_max, all_reduce_sum, auto_threads, setup_distributed,
-                          teardown_distributed)
+from bytelm.device import autocast, default_dtype, thread_choice
+from bytelm.train.distributed import Dist, all_reduce_max, all_reduce_sum, setup_distributed, teardown_distributed
 from bytelm.errors import BytelmError, DataError
 from bytelm.train.evaluate import evaluate, sample_prompt, sample_text
 from bytelm.files import cache_root, private_dir
@@ -84,8 +83,9 @@ def _train(cfg: TrainConfig, d: Dist, progress: bool, command: str) -> dict:
         for p in (paths.best, paths.last):
             remove_stale_temps(p)
     check_step_memory(cfg, device)  # before any allocation the settings decide
-    if device.type == "cpu":
-        torch.set_num_threads(cfg.threads or auto_threads())
+    threads = thread_choice(cfg.threads) if device.type == "cpu" else None  # (count, why) for the opening line
+    if threads:
+        torch.set_num_threads(threads[0])
 
     # The data: shuffled training batches, fixed validation batches.
     corpus = load_corpus(cfg.data, val_fraction=cfg.val_fraction, text_field=cfg.text_field,
@@ -131,7 +131,6 @@ def _train(cfg: TrainConfig, d: Dist, progress: bool, command: str) -> dict:
               log, sample_prompt(corpus.val), step=start_step, start_step=start_step)
     if resume:
         run.elapsed_before, run.metrics = resume.elapsed, dict(resume.metrics)
-    threads = torch.get_num_threads()
     run.say(opening_line(cfg, corpus.info, model.num_params(), model.config.block_size, d.world_size, device,
                          dtype, threads, start_step))
     stop_reason = run.loop(progress)

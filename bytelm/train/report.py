@@ -27,14 +27,15 @@ def fmt_rate(r: float) -> str:
 
 
 def opening_line(cfg: TrainConfig, info: dict, n_params: int, block_size: int, world_size: int, device,
-                 dtype: str, threads: int, start_step: int) -> str:
-    """data, held-out share, model, device and batch: the first thing a run prints."""
+                 dtype: str, threads: tuple[int, str] | None, start_step: int) -> str:
+    """data, held-out share, model, device and batch: the first thing a run prints. threads: (count, why) on
+    the CPU (bytelm.device.thread_choice), else None."""
     held_out = info["val_bytes"] / max(1, info["train_bytes"] + info["val_bytes"])
     return ((f"fine-tuning {cfg.init_from} | " if cfg.init_from and not cfg.resume else "")
             + f"data: {info['source']}: {info['train_bytes']:,} train / {info['val_bytes']:,} val bytes "
             f"({held_out:.1%} held out) | model: {cfg.n_layer}x{cfg.n_head}x{cfg.n_embd}, {n_params:,} parameters, "
             f"context {block_size} | {world_size} x {device} {dtype}"
-            + (f" ({threads} thread{'s' if threads > 1 else ''})" if device.type == "cpu" else "")
+            + (f" ({threads[0]} thread{'s' if threads[0] > 1 else ''}: {threads[1]})" if threads else "")
             + f" | batch {cfg.batch_size} x {cfg.seq_len}"
             + (f" ({cfg.batch_size * cfg.seq_len // cfg.short_seq_len} x {cfg.short_seq_len} for the first "
                f"{cfg.short_seq_share:.0%} of steps)" if cfg.short_seq_len else "")
