@@ -56,3 +56,11 @@ def test_env_json_says_why_there_is_no_c_library_and_which_dtype(tmp_path):
     assert info["python"] and info["torch"] and info["numpy"] and info["device"] in ("cpu", "cuda")
     assert isinstance(info["torch_threads"], int) and info["torch_threads"] >= 1
     assert not (tmp_path / "native").exists()  # switched off: nothing was built
+
+
+def test_env_with_a_closed_stdout_is_one_line_and_exit_1(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "bytelm.cli", "env"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                       cwd=REPO, env={**os.environ, "BYTELM_CACHE": str(tmp_path)}, timeout=120,
+                       preexec_fn=lambda: os.close(1))
+    assert r.returncode == 1 and r.stderr.count(b"\n") == 1, r.stderr
+    assert b"standard output is closed" in r.stderr

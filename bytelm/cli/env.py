@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from bytelm.cli.terminal import text_stdout
+
 # CPU features bytelm's speed depends on: the C decode step's vector code (AVX2 and FMA; F16C for fp16 weights)
 # and the dtype choice (native bf16 dot products); on ARM, their counterparts.
 RELEVANT_CPU_FLAGS = {"x86": ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_bf16"),
@@ -126,8 +128,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "bytelm env") -> int:
                                                             "for a bug report")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
     args = parser.parse_args(argv)
+    out = text_stdout()  # a closed stdout (`>&-`) is one line, as for every command that prints
     info = collect()
-    print(json.dumps(info, indent=2) if args.json else render(info))
+    print(json.dumps(info, indent=2) if args.json else render(info), file=out)
     return 0
 
 

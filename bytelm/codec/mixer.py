@@ -16,7 +16,6 @@ built without -march=native. Building needs a C compiler; without one, compress 
 from __future__ import annotations
 
 import ctypes
-import subprocess
 from pathlib import Path
 from typing import Callable
 
@@ -30,27 +29,11 @@ FLAGS = ["-O2", *COMMON_FLAGS]  # integer arithmetic only: any flags give the sa
 MODES = {"encode": 0, "decode": 1}
 Model = Callable[[np.ndarray], np.ndarray]
 
-_libraries: dict[tuple[str, ...], ctypes.CDLL] = {}
-
-
 def library(flags: list[str] | None = None) -> ctypes.CDLL:
-    """The library built with `flags` (default FLAGS; the tests build others and compare), once per source,
-    compiler and flags; BytelmError where it can't be had."""
-    flags = list(FLAGS if flags is None else flags)
-    if tuple(flags) in _libraries:
-        return _libraries[tuple(flags)]
+    """The library built with `flags` (default FLAGS; the tests build others and compare), once per process
+    and flags (bytelm.infer.native.build_library); BytelmError where it can't be had."""
     from bytelm.infer import native
-    cc = native.compiler()
-    if cc is None:
-        raise BytelmError("compress and decompress need a C compiler (gcc, cc or clang) to build their coder, "
-                          "and none was found: install one (e.g. apt-get install gcc)")
-    try:
-        lib = native.load_cached(cc, "mix", [SOURCE], [], flags)[0]
-    # RuntimeError: no home folder for the cache; SubprocessError: the compiler failed or hung
-    except (OSError, subprocess.SubprocessError, RuntimeError) as e:
-        detail = (getattr(e, "stderr", b"") or b"").decode(errors="replace").strip().splitlines()
-        raise BytelmError(f"could not build or load the context-mixing coder with {cc}: "
-                          f"{detail[0] if detail else e}") from None
+    lib = native.build_library("mix", SOURCE, list(FLAGS if flags is None else flags), "the context-mixing coder")
     p, i32, i64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
     for name, res, args in [("cm_version", ctypes.c_int, []), ("cm_max_rows", ctypes.c_int, []),
                             ("cm_tables_size", ctypes.c_size_t, []), ("cm_new", p, [ctypes.c_int]),
@@ -61,7 +44,6 @@ def library(flags: list[str] | None = None) -> ctypes.CDLL:
                             ("cm_consumed", i64, [p]), ("cm_error", ctypes.c_char_p, [p])]:
         getattr(lib, name).restype = res
         getattr(lib, name).argtypes = args
-    _libraries[tuple(flags)] = lib
     return lib
 
 

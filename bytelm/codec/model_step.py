@@ -28,7 +28,6 @@ without one gets a BytelmError in one line. tests/test_model_step.py builds it t
 from __future__ import annotations
 
 import ctypes
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -66,26 +65,11 @@ class DetCall(ctypes.Structure):
                 + [("error", ctypes.c_char * 200)])
 
 
-_libraries: dict[tuple[str, ...], ctypes.CDLL] = {}
-
-
 def load_library(flags: list[str] | None = None) -> ctypes.CDLL:
     """model_step.c built with `flags` (default FLAGS), cached like the decode step's library; BytelmError
     (one line) where no compiler or no build can be had."""
-    flags = list(FLAGS if flags is None else flags)
-    if tuple(flags) in _libraries:
-        return _libraries[tuple(flags)]
-    cc = native.compiler()
-    if cc is None:
-        raise BytelmError("compression needs a C compiler (gcc, cc or clang) to build its deterministic model "
-                          "step, and none was found: install one (e.g. apt-get install gcc)")
-    try:
-        lib = native.load_cached(cc, "model_step", [SOURCE], [], flags)[0]
-    # RuntimeError: no home folder for the cache; SubprocessError: the compiler failed or hung
-    except (OSError, subprocess.SubprocessError, RuntimeError) as e:
-        detail = (getattr(e, "stderr", b"") or b"").decode(errors="replace").strip().splitlines()
-        raise BytelmError(f"could not build or load the compression step's C library with {cc}: "
-                          f"{detail[0] if detail else e}") from None
+    lib = native.build_library("model_step", SOURCE, list(FLAGS if flags is None else flags),
+                               "the compression step")
     for name, size in (("detstep_model_size", DetModel), ("detstep_call_size", DetCall)):
         getattr(lib, name).restype = ctypes.c_size_t
         if getattr(lib, name)() != ctypes.sizeof(size):
@@ -95,7 +79,6 @@ def load_library(flags: list[str] | None = None) -> ctypes.CDLL:
     lib.detstep_rope.restype = ctypes.c_int
     lib.detstep_rope.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32,
                                  ctypes.c_double]
-    _libraries[tuple(flags)] = lib
     return lib
 
 

@@ -196,7 +196,7 @@ def load_cached(compiler: str, name: str, sources: list[Path], headers: list[Pat
                 flags: list[str]) -> tuple[ctypes.CDLL, Path, bool]:
     """Verify (rebuilding if damaged or missing) and load the cached library `name` built from `sources` with
     `flags`; returns (library, its path, whether it was compiled now). Raises on any failure. Other C libraries
-    of the package (bytelm/codec/model_step.py) are built and loaded through here too."""
+    of the package are built and loaded through here too (build_library)."""
     from bytelm.files import private_dir
 
     folder = private_dir(cache_dir())
@@ -212,6 +212,32 @@ def load_cached(compiler: str, name: str, sources: list[Path], headers: list[Pat
         if _damage(path):  # only a file changed under us gets here
             raise OSError(f"{path} changed while it was being built")
     return ctypes.CDLL(str(path)), path, bool(damage)
+
+
+_built: dict[tuple[str, tuple[str, ...]], ctypes.CDLL] = {}
+
+
+def build_library(name: str, source: Path, flags: list[str], what: str) -> ctypes.CDLL:
+    """Another C library of the package (the compression step, the coder), built from one `source` with `flags`
+    once per process and cached like the decode step's; BytelmError (one line) where no compiler or no build
+    can be had. `what` names it in those lines, e.g. "the context-mixing coder"."""
+    from bytelm.errors import BytelmError
+
+    key = (name, tuple(flags))
+    if key in _built:
+        return _built[key]
+    cc = compiler()
+    if cc is None:
+        raise BytelmError(f"compression needs a C compiler ({', '.join(_COMPILERS)}) to build {what}, and none was "
+                          "found: install one (e.g. apt-get install gcc)")
+    try:
+        lib = load_cached(cc, name, [source], [], list(flags))[0]
+    # RuntimeError: no home folder for the cache; SubprocessError: the compiler failed or hung
+    except (OSError, subprocess.SubprocessError, RuntimeError) as e:
+        detail = (getattr(e, "stderr", b"") or b"").decode(errors="replace").strip().splitlines()
+        raise BytelmError(f"could not build or load {what} with {cc}: {detail[0] if detail else e}") from None
+    _built[key] = lib
+    return lib
 
 
 def _load(compiler: str) -> ctypes.CDLL:
