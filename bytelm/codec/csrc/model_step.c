@@ -235,6 +235,39 @@ typedef struct {
     int failed;
 } Job;
 
+typedef int32_t v8i __attribute__((vector_size(32)));
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"  /* static functions pass v8 by value: no ABI crosses a library edge */
+#endif
+
+/* exp_f on eight lanes with the same operations in the same order (so the same bits), written with vector
+ * types because GCC does not vectorise exp_f's loop by itself. */
+static inline v8 exp8(v8 x) {
+    const v8 low = (v8){0} - 87.0f;
+    const v8i keep = x > low;  /* all ones where x > -87; 0 there and for NaN */
+    const v8 xc = (v8)(((v8i)x & keep) | ((v8i)low & ~keep));
+    const v8 shifter = (v8){0} + 12582912.0f;
+    v8 n = (xc * 1.44269504f + shifter) - shifter;
+    v8 r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
+    v8 p = (v8){0} + 1.98412698e-4f;
+    p = p * r + 1.38888889e-3f;
+    p = p * r + 8.33333333e-3f;
+    p = p * r + 4.16666667e-2f;
+    p = p * r + 1.66666667e-1f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const v8 scale = (v8)((__builtin_convertvector(n, v8i) + 127) << 23);
+    return (v8)((v8i)(p * scale) & keep);
+}
+
+/* x[i] = exp_f(x[i] - top) for i < n */
+static void exp_shifted(float *restrict x, int n, float top) {
+    int i = 0;
+    for (; i + 8 <= n; i += 8) *(v8u *)(x + i) = exp8(*(const v8u *)(x + i) - top);
+    for (; i < n; i++) x[i] = exp_f(x[i] - top);
+}
+
 /* Accumulate, for lanes of LANES (a multiple of 8, at most 64) floats, acc[lane] = acc[lane] + a[i] * b_i[lane]
  * over i < n in order, b_i = b + i * step: one chain per lane, LANES / 8 chains in flight to hide the adds'
  * latency. The lanes are outputs, never parts of one sum, so the vector width changes nothing. */
@@ -278,7 +311,7 @@ static void attend(const float *restrict q, const float *restrict kt, const floa
     lanes_sum(q, kt, (size_t)T, D, n, s);  /* s[t] = q . k_t: lanes are positions, the chain runs over d */
     float top = s[0] * scale;
     for (int t = 0; t < n; t++) { s[t] = s[t] * scale; top = s[t] > top ? s[t] : top; }
-    for (int t = 0; t < n; t++) s[t] = exp_f(s[t] - top);
+    exp_shifted(s, n, top);
     const float inv = 1.0f / sum8(s, n, 0);
     lanes_sum(s, vt, (size_t)D, n, D, y);  /* y[d] = sum_t e_t v_t[d]: lanes are d, the chain runs over t */
     for (int d = 0; d < D; d++) y[d] = y[d] * inv;
@@ -289,7 +322,8 @@ static void attend(const float *restrict q, const float *restrict kt, const floa
 static void quantize(const float *restrict logits, int V, float *restrict e, uint32_t *restrict counts) {
     float top = logits[0];
     for (int i = 1; i < V; i++) top = logits[i] > top ? logits[i] : top;
-    for (int i = 0; i < V; i++) e[i] = exp_f(logits[i] - top);
+    memcpy(e, logits, sizeof(float) * V);
+    exp_shifted(e, V, top);
     const float sum = sum8(e, V, 0);
     if (!(sum >= 1.0f && sum <= (float)V)) {  /* NaN or infinite logits: a uniform distribution */
         for (int i = 0; i < V; i++) counts[i] = (1u << COUNT_BITS) / (uint32_t)V;
