@@ -22,7 +22,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from common import markdown_table, report  # noqa: E402
-from bytelm.codec.compress import quantize  # noqa: E402
 from bytelm.codec.model_step import DeterministicStep  # noqa: E402
 from bytelm.config import ModelConfig  # noqa: E402
 from bytelm.infer.batch_step import BatchStep  # noqa: E402
@@ -47,6 +46,14 @@ def det_speed(model: ByteLM, rows: int, stride: int, threads: int, repeats: int)
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
     return rows * stride / statistics.median(times), rows * stride / statistics.median(cpu)
+
+
+def quantize(logits: torch.Tensor) -> np.ndarray:
+    """Counts (B, 256) >= 1 summing to 2^16 from torch's softmax, as the torch-step compressor quantised."""
+    counts = torch.floor(torch.softmax(logits.double(), -1) * ((1 << 16) - 256)).long() + 1
+    top = counts.argmax(-1, keepdim=True)
+    counts.scatter_add_(1, top, (1 << 16) - counts.sum(-1, keepdim=True))
+    return counts.numpy()
 
 
 def torch_speed(model: ByteLM, rows: int, threads: int, steps: int) -> float:
