@@ -9,6 +9,7 @@ import platform
 import shutil
 import struct
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -226,3 +227,44 @@ def test_a_stand_alone_build_gives_the_same_counts(model, tmp_path, target):
     assert done.returncode == 0, done.stderr.decode(errors="replace")
     theirs = np.frombuffer(done.stdout, "<u4").reshape(120, 3, 256).transpose(1, 0, 2)
     assert np.array_equal(theirs, run(DeterministicStep(model, 3, CONTEXT, STRIDE, threads=1), data))
+
+
+E2E = r'''
+import hashlib, sys
+import numpy as np
+sys.path.insert(0, sys.argv[2])
+from test_model_step import random_model
+from bytelm.codec import mixer, model_step
+from bytelm.codec.compress import compress_bytes, decompress_bytes
+model_step.FLAGS = [*sys.argv[1].split(), *model_step.COMMON_FLAGS]
+mixer.FLAGS = [*sys.argv[1].split(), *mixer.COMMON_FLAGS]
+model = random_model(block_size=64)
+noise = np.random.default_rng(0).integers(0, 256, 1000, np.uint8)
+data = b"To be, or not to be, that is the question. " * 60 + bytes(noise)
+blob = compress_bytes(model, data)
+assert decompress_bytes(model, blob) == data
+# the block as coded with the model (compress keeps it only where it is shorter than the mixer alone, which a
+# random model never is): the model's counts reach the coder through it
+rows = 4
+with_model = mixer.ContextMixer().encode(data, rows, model_step.DeterministicStep(model, rows, 64, 48).next)
+step = model_step.DeterministicStep(model, rows, 64, 48)
+assert mixer.ContextMixer().decode(with_model, len(data), rows, step.next) == data
+print(hashlib.sha256(blob).hexdigest(), hashlib.sha256(with_model).hexdigest())
+'''
+
+
+@pytest.mark.slow  # ~36 s on 2 shared cores: three fresh processes, one of them -O0
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the x86-64 builds need an x86-64 CPU")
+def test_three_builds_write_the_same_compressed_file(tmp_path):
+    """End to end: compress (the model step and the mixer, each built three ways, in fresh processes) writes the
+    same bytes, and so does the mixer coding with the model's counts; each build decodes what it wrote."""
+    from bytelm.device import cpu_flags
+    if not {"avx2", "fma"} <= set(cpu_flags()):
+        pytest.skip("this CPU has no AVX2 and FMA to run the AVX2 build")
+    digests = set()
+    for flags in (BUILDS["O0-sse2"][:7], ["-O2", "-mavx2", "-mfma"], ["-O3", "-march=native"]):
+        done = subprocess.run([sys.executable, "-c", E2E, " ".join(flags), str(Path(__file__).parent)],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        digests.add(done.stdout.strip())
+    assert len(digests) == 1, digests

@@ -235,52 +235,71 @@ typedef struct {
     int failed;
 } Job;
 
-/* s (n) = q (D) . kt[:, t] for t < n, kt (D, T): each s[t] one chain over d, 32 or 8 positions per pass with
- * the sums in vector registers (lanes are positions, so the vector width changes nothing). */
-static void scores(const float *restrict q, const float *restrict kt, int D, int T, int n, float *restrict s) {
-    int t0 = 0;
-    for (; t0 + 32 <= n; t0 += 32) {
-        v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-        for (int d = 0; d < D; d++) {
-            const float *k = kt + (size_t)d * T + t0;
-            a0 = a0 + q[d] * *(const v8u *)k; a1 = a1 + q[d] * *(const v8u *)(k + 8);
-            a2 = a2 + q[d] * *(const v8u *)(k + 16); a3 = a3 + q[d] * *(const v8u *)(k + 24);
-        }
-        *(v8u *)(s + t0) = a0; *(v8u *)(s + t0 + 8) = a1; *(v8u *)(s + t0 + 16) = a2; *(v8u *)(s + t0 + 24) = a3;
-    }
-    for (; t0 + 8 <= n; t0 += 8) {
-        v8 a = {0};
-        for (int d = 0; d < D; d++) a = a + q[d] * *(const v8u *)(kt + (size_t)d * T + t0);
-        *(v8u *)(s + t0) = a;
-    }
-    for (; t0 < n; t0++) {
-        float a = 0.0f;
-        for (int d = 0; d < D; d++) a = a + q[d] * kt[(size_t)d * T + t0];
-        s[t0] = a;
-    }
+typedef int32_t v8i __attribute__((vector_size(32)));
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"  /* static functions pass v8 by value: no ABI crosses a library edge */
+#endif
+
+/* exp_f on eight lanes with the same operations in the same order (so the same bits), written with vector
+ * types because GCC does not vectorise exp_f's loop by itself. */
+static inline v8 exp8(v8 x) {
+    const v8 low = (v8){0} - 87.0f;
+    const v8i keep = x > low;  /* all ones where x > -87; 0 there and for NaN */
+    const v8 xc = (v8)(((v8i)x & keep) | ((v8i)low & ~keep));
+    const v8 shifter = (v8){0} + 12582912.0f;
+    v8 n = (xc * 1.44269504f + shifter) - shifter;
+    v8 r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
+    v8 p = (v8){0} + 1.98412698e-4f;
+    p = p * r + 1.38888889e-3f;
+    p = p * r + 8.33333333e-3f;
+    p = p * r + 4.16666667e-2f;
+    p = p * r + 1.66666667e-1f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const v8 scale = (v8)((__builtin_convertvector(n, v8i) + 127) << 23);
+    return (v8)((v8i)(p * scale) & keep);
 }
 
-/* y (D) = sum over t < n of p[t] vt[t] (vt (n, D)), each y[d] one chain over t, 32 or 8 lanes per pass. */
-static void weighted_sum(const float *restrict p, const float *restrict vt, int n, int D, float *restrict y) {
-    int d0 = 0;
-    for (; d0 + 32 <= D; d0 += 32) {
-        v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-        for (int t = 0; t < n; t++) {
-            const float *v = vt + (size_t)t * D + d0;
-            a0 = a0 + p[t] * *(const v8u *)v; a1 = a1 + p[t] * *(const v8u *)(v + 8);
-            a2 = a2 + p[t] * *(const v8u *)(v + 16); a3 = a3 + p[t] * *(const v8u *)(v + 24);
-        }
-        *(v8u *)(y + d0) = a0; *(v8u *)(y + d0 + 8) = a1; *(v8u *)(y + d0 + 16) = a2; *(v8u *)(y + d0 + 24) = a3;
+/* x[i] = exp_f(x[i] - top) for i < n */
+static void exp_shifted(float *restrict x, int n, float top) {
+    int i = 0;
+    for (; i + 8 <= n; i += 8) *(v8u *)(x + i) = exp8(*(const v8u *)(x + i) - top);
+    for (; i < n; i++) x[i] = exp_f(x[i] - top);
+}
+
+/* Accumulate, for lanes of LANES (a multiple of 8, at most 64) floats, acc[lane] = acc[lane] + a[i] * b_i[lane]
+ * over i < n in order, b_i = b + i * step: one chain per lane, LANES / 8 chains in flight to hide the adds'
+ * latency. The lanes are outputs, never parts of one sum, so the vector width changes nothing. */
+#define CHAINS(LANES)                                                                                          \
+    static inline void chains##LANES(const float *restrict a, const float *restrict b, size_t step, int n,    \
+                                     float *restrict out) {                                                    \
+        v8 acc[LANES / 8];                                                                                     \
+        for (int j = 0; j < LANES / 8; j++) acc[j] = (v8){0};                                                  \
+        for (int i = 0; i < n; i++)                                                                            \
+            for (int j = 0; j < LANES / 8; j++) acc[j] = acc[j] + a[i] * *(const v8u *)(b + i * step + 8 * j); \
+        for (int j = 0; j < LANES / 8; j++) *(v8u *)(out + 8 * j) = acc[j];                                    \
     }
-    for (; d0 + 8 <= D; d0 += 8) {
-        v8 a = {0};
-        for (int t = 0; t < n; t++) a = a + p[t] * *(const v8u *)(vt + (size_t)t * D + d0);
-        *(v8u *)(y + d0) = a;
-    }
-    for (; d0 < D; d0++) {
-        float a = 0.0f;
-        for (int t = 0; t < n; t++) a = a + p[t] * vt[(size_t)t * D + d0];
-        y[d0] = a;
+CHAINS(64)
+CHAINS(32)
+CHAINS(24)
+CHAINS(16)
+CHAINS(8)
+
+/* out[l] = sum over i < n of a[i] * b[i * step + l] for l < lanes, each one chain over i in order: the widest
+ * blocks of chains first, then a scalar chain per lane left over. */
+static void lanes_sum(const float *restrict a, const float *restrict b, size_t step, int n, int lanes,
+                      float *restrict out) {
+    int l = 0;
+    for (; l + 64 <= lanes; l += 64) chains64(a, b + l, step, n, out + l);
+    if (l + 32 <= lanes) { chains32(a, b + l, step, n, out + l); l += 32; }
+    if (l + 24 <= lanes) { chains24(a, b + l, step, n, out + l); l += 24; }
+    if (l + 16 <= lanes) { chains16(a, b + l, step, n, out + l); l += 16; }
+    if (l + 8 <= lanes) { chains8(a, b + l, step, n, out + l); l += 8; }
+    for (; l < lanes; l++) {
+        float acc = 0.0f;
+        for (int i = 0; i < n; i++) acc = acc + a[i] * b[i * step + l];
+        out[l] = acc;
     }
 }
 
@@ -289,12 +308,12 @@ static void weighted_sum(const float *restrict p, const float *restrict vt, int 
 static void attend(const float *restrict q, const float *restrict kt, const float *restrict vt, int p, int D,
                    int T, float scale, float *restrict s, float *restrict y) {
     int n = p + 1;
-    scores(q, kt, D, T, n, s);
+    lanes_sum(q, kt, (size_t)T, D, n, s);  /* s[t] = q . k_t: lanes are positions, the chain runs over d */
     float top = s[0] * scale;
     for (int t = 0; t < n; t++) { s[t] = s[t] * scale; top = s[t] > top ? s[t] : top; }
-    for (int t = 0; t < n; t++) s[t] = exp_f(s[t] - top);
+    exp_shifted(s, n, top);
     const float inv = 1.0f / sum8(s, n, 0);
-    weighted_sum(s, vt, n, D, y);
+    lanes_sum(s, vt, (size_t)D, n, D, y);  /* y[d] = sum_t e_t v_t[d]: lanes are d, the chain runs over t */
     for (int d = 0; d < D; d++) y[d] = y[d] * inv;
 }
 
@@ -303,7 +322,8 @@ static void attend(const float *restrict q, const float *restrict kt, const floa
 static void quantize(const float *restrict logits, int V, float *restrict e, uint32_t *restrict counts) {
     float top = logits[0];
     for (int i = 1; i < V; i++) top = logits[i] > top ? logits[i] : top;
-    for (int i = 0; i < V; i++) e[i] = exp_f(logits[i] - top);
+    memcpy(e, logits, sizeof(float) * V);
+    exp_shifted(e, V, top);
     const float sum = sum8(e, V, 0);
     if (!(sum >= 1.0f && sum <= (float)V)) {  /* NaN or infinite logits: a uniform distribution */
         for (int i = 0; i < V; i++) counts[i] = (1u << COUNT_BITS) / (uint32_t)V;
