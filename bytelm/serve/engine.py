@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import itertools
 import threading
 import time
 from collections import deque
@@ -293,6 +294,7 @@ class Engine:
             out: list[tuple[Generation, object]] = []  # events not yet handed to the clients
             delivered_at = time.monotonic()
             while True:
+                checked = len(out)  # events before this were found not urgent: that cannot change
                 with self._cond:
                     while not self._stopping and not rows and not self._pending:
                         self._cond.wait()
@@ -316,7 +318,7 @@ class Engine:
                         self._active -= len(finished)
                         self._paused -= sum(r.handle.paused_at is not None for r in finished)
                 now = time.monotonic()
-                if out and (not chosen or now - delivered_at >= DELIVER_EVERY_S or _urgent(out)):
+                if out and (not chosen or now - delivered_at >= DELIVER_EVERY_S or _urgent(out, checked)):
                     self._deliver(out)
                     out, delivered_at = [], now
                 if not chosen and not finished and not admitted:  # every row waits for its client: don't spin
@@ -439,9 +441,11 @@ class Engine:
         self._deliver(out)
 
 
-def _urgent(out: list) -> bool:
-    """Whether events must go now: a row's first piece (the client's time to first byte), an end or an error."""
-    return any(not isinstance(event, Piece) or handle.handed == event.n_bytes for handle, event in out)
+def _urgent(out: list, start: int = 0) -> bool:
+    """Whether events out[start:] must go now: a row's first piece (the client's time to first byte), an end or an
+    error. A piece found not urgent stays so (a row's handed count only grows), so each cycle checks its own."""
+    return any(not isinstance(event, Piece) or handle.handed == event.n_bytes
+               for handle, event in itertools.islice(out, start, None))
 
 
 def _put_all(items: list) -> None:
