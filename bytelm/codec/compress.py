@@ -28,7 +28,6 @@ import json
 import zlib
 from typing import Callable, Iterable
 
-import numpy as np
 import torch
 
 from bytelm.codec import container
@@ -70,23 +69,23 @@ def rows_for(length: int, max_rows: int) -> int:
 
 
 class _Coder:
-    """The coder of one file, both directions: the mixer's tables, and the model's steps by row count."""
+    """The coder of one file, both directions: the mixer's tables, and the model's step for the block's rows."""
 
     def __init__(self, model: ByteLM | None, header: Header):
         self.model, self.header = model, header
         self.mixer = ContextMixer()
-        self.steps: dict[int, object] = {}
+        self._step = None  # the model step of the last row count: a file's blocks but its last share one
 
     def step(self, rows: int):
         """A callable prev (R,) uint8 -> counts (R, 256) for a block's rows, started afresh; None: no model."""
         if self.model is None:
             return None
-        if rows not in self.steps:
+        if self._step is None or self._step.rows != rows:
             from bytelm.codec.model_step import DeterministicStep
-            self.steps[rows] = DeterministicStep(self.model, rows, self.header.context, self.header.stride)
-        step = self.steps[rows]
-        step.reset()
-        return step.next
+            self._step = None  # frees the old step's weights and cache before the new one asks the memory gate
+            self._step = DeterministicStep(self.model, rows, self.header.context, self.header.stride)
+        self._step.reset()
+        return self._step.next
 
     def encode(self, raw: bytes) -> bytes:
         """One block, packed: coded with the model, or by the context models alone where that is shorter (the
@@ -97,10 +96,10 @@ class _Coder:
             return container.pack_block(container.STORED if coded is None else container.CODED, raw,
                                         raw if coded is None else coded)
         before = mixer.snapshot()
-        with_model = mixer.encode(raw, rows, self.step(rows))
+        with_model = mixer.encode(raw, rows, self.step(rows), saved=before)
         after = mixer.snapshot() if with_model is not None else None
         mixer.restore(before)
-        alone = mixer.encode(raw, 1, cap=None if with_model is None else len(with_model))
+        alone = mixer.encode(raw, 1, cap=None if with_model is None else len(with_model), saved=before)
         if alone is not None:  # shorter than with the model: the tables stay as this coding left them
             return container.pack_block(container.MIXED_ALONE, raw, alone)
         if with_model is not None:

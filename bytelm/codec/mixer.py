@@ -101,11 +101,13 @@ class ContextMixer:
     def restore(self, saved: np.ndarray) -> None:
         self.lib.cm_copy_tables(self.ptr, saved.ctypes.data, 1)
 
-    def encode(self, block: bytes, rows: int, model: Model | None = None, cap: int | None = None) -> bytes | None:
+    def encode(self, block: bytes, rows: int, model: Model | None = None, cap: int | None = None,
+               saved: np.ndarray | None = None) -> bytes | None:
         """The coded block, or None if it would not be shorter than the block itself (or than `cap` bytes):
-        then the tables are put back as they were, as the decoder will find them after a stored block."""
+        then the tables are put back as they were, as the decoder will find them after a stored block.
+        `saved`: a snapshot() the caller took of the tables as they are now, so they are not copied again."""
         data = np.frombuffer(block, np.uint8).copy()
-        saved = self.snapshot()
+        saved = self.snapshot() if saved is None else saved
         cap = max(0, len(data) - 1) if cap is None else min(cap, max(0, len(data) - 1))
         out = np.empty(cap + 4, np.uint8)
         if self._run(data, rows, out, cap, "encode", model):
