@@ -27,11 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bytelm.data import builtin_corpus
-
-from bytelm.data import hf_stream
-
-from bytelm.data import sources
+from bytelm.data import builtin_corpus, hf_stream, sources
 from bytelm.data.documents import ALTERNATIVES, check_rank, within
 from bytelm.errors import DataError
 from bytelm.files import cache_root

@@ -8,9 +8,9 @@
     from bytelm.train.loop import TrainConfig, train
     summary = train(TrainConfig.from_preset("tiny", data="notes.txt", out="tiny.pt"))
 
-The parts live in their own modules: settings (train_config), schedule, run files and lock (run_files), the
-resume state (resume), processes and threads (distributed), evaluation (evaluate), what a run prints
-(run_report); the command line is bytelm.cli.train. Files beside --out: see bytelm.train.run_files.
+The parts live in their own modules: settings (config), schedule, run files and lock (run_files), the
+resume state (resume), processes (distributed), evaluation (evaluate), what a run prints
+(report); the command line is bytelm.cli.train. Files beside --out: see bytelm.train.run_files.
 """
 from __future__ import annotations
 
